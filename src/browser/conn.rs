@@ -1,0 +1,1639 @@
+//! One CDP connection to Chromium over its pipe, shared by the supervisor and any number of
+//! agent connections.
+//!
+//! # Routing model
+//! The supervisor talks on the root session (no `sessionId`) and on sessions it attaches itself.
+//! Each agent connection gets its own browser-level session (`Target.attachToBrowserTarget`,
+//! sent by [`BrowserConn::attach_agent`]); agent messages without `sessionId` travel on it, and
+//! every session announced on an agent-owned session becomes owned by that agent. Anything else
+//! belongs to the supervisor, and nothing that belongs to the supervisor ever reaches an agent.
+//!
+//! Agents see their own ids: request ids are remapped to ids unique on the pipe, session ids are
+//! replaced by per-agent aliases in both directions, so an agent can neither name nor learn a
+//! session it does not own. Every agent request gets exactly one answer: from the browser, or
+//! from the router when it refuses the request, when the session closes first, or when the
+//! browser goes away.
+//!
+//! # Ordering
+//! One reader task routes the browser's messages in pipe order into per-agent queues, so each
+//! agent sees them in pipe order (Puppeteer needs `Target.attachedToTarget` before the
+//! `attachToTarget` answer). Agent messages are checked, registered and queued for the writer
+//! task under one lock, so they reach the pipe in the order [`AgentLink::from_agent`] was called
+//! and an answer can never arrive before its pending entry exists.
+//!
+//! # Raw pass-through
+//! Messages are never decoded into typed CDP structures. Only the members the router rewrites
+//! are parsed (see the private `envelope` module); everything else is copied as raw JSON text, so fields
+//! added or renamed by a newer Chromium pass untouched.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::net::unix::pipe;
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{ObjWriter, RawObject};
+use super::pipe::{write_frame, FrameReader, MAX_INBOUND_MESSAGE};
+use crate::gate::{self, GateObserver, SessionKind};
+
+/// Largest frame accepted from an agent. Larger frames are refused with `-32000`.
+pub const MAX_AGENT_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Bytes that may wait in one agent's outgoing queue. An agent that reads slower than its
+/// browser produces is closed (code 1008) instead of growing the supervisor's memory without
+/// bound. A single message larger than this still passes when the queue is empty.
+pub const MAX_AGENT_BACKLOG: usize = 512 * 1024 * 1024;
+
+/// Bytes that may wait for the pipe writer. Beyond it, agent requests are refused with
+/// `-32000` until the browser catches up; the supervisor's own calls are never refused.
+pub const MAX_PIPE_BACKLOG: usize = 512 * 1024 * 1024;
+
+/// Capacity of the [`BrowserConn::supervisor_events`] channel; a receiver that falls further
+/// behind loses the oldest events (`RecvError::Lagged`).
+pub const SUPERVISOR_EVENT_CAPACITY: usize = 4096;
+
+/// Chromium's error for a `sessionId` unknown to the connection.
+const SESSION_NOT_FOUND: (i64, &str) = (-32001, "Session with given id not found.");
+/// What a request still pending on a session gets when the session detaches.
+const SESSION_CLOSED: (i64, &str) = (-32001, "Session closed");
+/// Reason of the Close frame that answers an agent's `Browser.close`.
+const BROWSER_CLOSE_REASON: &str =
+    "Browser.close ends this connection; the browser belongs to the supervisor";
+
+/// Why a CDP call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CdpError {
+    /// The browser answered with an error.
+    #[error("the browser answered {method} with error {code}: {message}{}", fmt_data(.data))]
+    Protocol {
+        /// The CDP method called.
+        method: String,
+        /// CDP error code (`-32601` unknown method, `-32602` bad params, `-32001` no session…).
+        code: i64,
+        /// Chromium's message.
+        message: String,
+        /// Chromium's `data` member, if any (often names the bad parameter).
+        data: Option<String>,
+    },
+    /// The pipe is closed: the browser exited or crashed, or its messages could not be read.
+    #[error(
+        "{method}: the CDP pipe to the browser is closed ({reason}); the browser is gone, end \
+         the session"
+    )]
+    Closed {
+        /// The CDP method called.
+        method: String,
+        /// Why the pipe closed.
+        reason: String,
+    },
+    /// The parameters could not be serialised.
+    #[error("{method}: encoding the parameters failed: {source}")]
+    Encode {
+        /// The CDP method called.
+        method: String,
+        /// The serialisation error.
+        source: serde_json::Error,
+    },
+    /// The answer was not valid JSON or did not match the expected type.
+    #[error("{method}: the browser's answer does not match the expected type: {source}")]
+    Decode {
+        /// The CDP method called.
+        method: String,
+        /// The deserialisation error.
+        source: serde_json::Error,
+    },
+}
+
+fn fmt_data(data: &Option<String>) -> String {
+    data.as_deref()
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default()
+}
+
+/// A frame for an agent's websocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToAgent {
+    /// A CDP message as JSON text.
+    Text(String),
+    /// Close the websocket with this code and reason (at most 123 bytes, so it fits a close
+    /// frame). Nothing follows it.
+    Close {
+        /// WebSocket close code.
+        code: u16,
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+/// Identifies one agent connection on a [`BrowserConn`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AgentId(u64);
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "agent-{}", self.0)
+    }
+}
+
+/// The connection to one browser's CDP pipe. Cheap to clone. Dropping the last clone closes the
+/// pipe (Chromium exits when its fd 3 reaches end of file) and closes every agent link.
+#[derive(Clone)]
+pub struct BrowserConn {
+    inner: Arc<ConnInner>,
+}
+
+struct ConnInner {
+    shared: Arc<Shared>,
+    reader: AbortHandle,
+}
+
+impl Drop for ConnInner {
+    fn drop(&mut self) {
+        self.shared
+            .shutdown("the supervisor dropped its connection to the browser");
+        self.reader.abort();
+    }
+}
+
+impl fmt::Debug for BrowserConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrowserConn")
+            .field("close_reason", &self.close_reason())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrowserConn {
+    /// Starts the reader and writer tasks on the current tokio runtime. `to_browser` is the
+    /// write end of the pipe Chromium reads as fd 3, `from_browser` the read end of the pipe it
+    /// writes as fd 4; both are switched to non-blocking mode. The caller keeps them out of the
+    /// browser (close-on-exec) so that the browser sees end of file when this side closes.
+    pub fn start(to_browser: OwnedFd, from_browser: OwnedFd) -> std::io::Result<BrowserConn> {
+        let sender = pipe::Sender::from_owned_fd(to_browser)?;
+        let receiver = pipe::Receiver::from_owned_fd(from_browser)?;
+        let (to_pipe, pipe_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(SUPERVISOR_EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            router: Mutex::new(Router {
+                to_pipe: Some(to_pipe),
+                close_reason: None,
+                next_id: 1,
+                pending: HashMap::new(),
+                sessions: HashMap::new(),
+                agents: HashMap::new(),
+                next_agent: 1,
+            }),
+            closed: CancellationToken::new(),
+            events,
+            pipe_backlog: AtomicUsize::new(0),
+        });
+        tokio::spawn(write_loop(shared.clone(), sender, pipe_rx));
+        let reader = tokio::spawn(read_loop(shared.clone(), receiver)).abort_handle();
+        Ok(BrowserConn {
+            inner: Arc::new(ConnInner { shared, reader }),
+        })
+    }
+
+    /// Sends one of the supervisor's own commands on the root session (`session: None`) or on
+    /// the given real session id, and waits for the answer's `result`. Use the root or sessions
+    /// the supervisor attached itself: a session announced on an agent-owned session belongs to
+    /// that agent. A call on a session that detaches first fails with `-32001 Session closed`.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Value,
+        session: Option<&str>,
+    ) -> Result<Value, CdpError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut router = self.inner.shared.lock();
+            if let Some(reason) = &router.close_reason {
+                return Err(CdpError::Closed {
+                    method: method.to_owned(),
+                    reason: reason.clone(),
+                });
+            }
+            let pipe_id = router.alloc_id();
+            let mut w = ObjWriter::with_capacity(64 + method.len());
+            w.int("id", pipe_id.into());
+            w.string("method", method);
+            if let Some(session) = session {
+                w.string("sessionId", session);
+            }
+            if !params.is_null() {
+                w.raw("params", &params.to_string());
+            }
+            router.pending.insert(
+                pipe_id,
+                Pending::Supervisor {
+                    method: method.to_owned(),
+                    session: session.map(str::to_owned),
+                    tx,
+                },
+            );
+            router.send(&self.inner.shared, w.finish());
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(CdpError::Closed {
+                method: method.to_owned(),
+                reason: self
+                    .close_reason()
+                    .unwrap_or_else(|| "the connection was dropped".to_owned()),
+            })
+        })
+    }
+
+    /// [`call`](Self::call) with one of chromiumoxide's typed commands, for messages the
+    /// supervisor builds and reads itself.
+    pub async fn execute<C: chromiumoxide::types::Command>(
+        &self,
+        cmd: C,
+        session: Option<&str>,
+    ) -> Result<C::Response, CdpError> {
+        let method = cmd.identifier();
+        let params = serde_json::to_value(&cmd).map_err(|source| CdpError::Encode {
+            method: method.to_string(),
+            source,
+        })?;
+        let result = self.call(&method, params, session).await?;
+        C::response_from_value(result).map_err(|source| CdpError::Decode {
+            method: method.to_string(),
+            source,
+        })
+    }
+
+    /// Events on the root session and on sessions no agent owns, in pipe order.
+    pub fn supervisor_events(&self) -> broadcast::Receiver<Arc<Value>> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// Resolves once the pipe is closed (browser exited or crashed, or its stream was invalid).
+    pub async fn closed(&self) {
+        self.inner.shared.closed.cancelled().await
+    }
+
+    /// Why the pipe closed, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.inner.shared.lock().close_reason.clone()
+    }
+
+    /// Opens a new agent connection: attaches a browser-level session for it
+    /// (`Target.attachToBrowserTarget`) and registers that session as the agent's. `label` names
+    /// the agent in logs and in `observer` calls; `observer` hears of every refused message.
+    pub async fn attach_agent(
+        &self,
+        label: &str,
+        observer: Arc<dyn GateObserver>,
+    ) -> Result<AgentLink, CdpError> {
+        const METHOD: &str = "Target.attachToBrowserTarget";
+        let shared = &self.inner.shared;
+        let outbox = Arc::new(Outbox::default());
+        let label: Arc<str> = Arc::from(label);
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut router = shared.lock();
+            if let Some(reason) = &router.close_reason {
+                return Err(CdpError::Closed {
+                    method: METHOD.to_owned(),
+                    reason: reason.clone(),
+                });
+            }
+            let id = AgentId(router.next_agent);
+            router.next_agent += 1;
+            router.agents.insert(
+                id,
+                Agent {
+                    label: label.clone(),
+                    outbox: outbox.clone(),
+                    aliases: HashMap::new(),
+                    root: None,
+                    open: false,
+                    detaching: false,
+                },
+            );
+            let pipe_id = router.alloc_id();
+            router
+                .pending
+                .insert(pipe_id, Pending::Attach { agent: id, tx });
+            router.send(
+                shared,
+                format!("{{\"id\":{pipe_id},\"method\":\"{METHOD}\"}}"),
+            );
+            id
+        };
+        // If this future is dropped before the answer, the reader sees the closed channel and
+        // detaches the session right away, so no browser session is left without an owner.
+        match rx.await {
+            Ok(Ok(())) => Ok(AgentLink {
+                shared: shared.clone(),
+                id,
+                label,
+                outbox,
+                observer,
+                detached: false,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CdpError::Closed {
+                method: METHOD.to_owned(),
+                reason: self
+                    .close_reason()
+                    .unwrap_or_else(|| "the connection was dropped".to_owned()),
+            }),
+        }
+    }
+}
+
+/// One agent connection multiplexed onto a [`BrowserConn`]. Dropping it detaches the agent's
+/// browser session like [`detach`](Self::detach), without waiting for the answer.
+pub struct AgentLink {
+    shared: Arc<Shared>,
+    id: AgentId,
+    label: Arc<str>,
+    outbox: Arc<Outbox>,
+    observer: Arc<dyn GateObserver>,
+    detached: bool,
+}
+
+impl fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentLink")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentLink {
+    /// This connection's id.
+    pub fn id(&self) -> AgentId {
+        self.id
+    }
+
+    /// The label given to [`BrowserConn::attach_agent`].
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Handles one text frame from the agent: forwards it to the browser or answers it locally
+    /// (bad input, refusal, unknown session, `Browser.close`). Never blocks and never panics.
+    pub fn from_agent(&self, frame: &str) {
+        if let Some(denied) = self.shared.agent_frame(self.id, frame) {
+            tracing::info!(agent = %self.label, method = %denied.method, reason = %denied.reason, "cdp request refused");
+            self.observer
+                .denied(&self.label, &denied.method, &denied.reason);
+        }
+    }
+
+    /// The next frame for the agent, in order. After a [`ToAgent::Close`] it returns `None`.
+    /// Cancel-safe, so it can sit in a `select!` next to the websocket read.
+    pub async fn next_for_agent(&self) -> Option<ToAgent> {
+        self.outbox.recv().await
+    }
+
+    /// Detaches the agent's browser session (`Target.detachFromTarget`), which detaches every
+    /// session it opened and disposes its `disposeOnDetach` browser contexts, and forgets all
+    /// its sessions. Requests still pending are not answered: the connection is going away.
+    pub async fn detach(mut self) -> Result<(), CdpError> {
+        self.detached = true;
+        match self.shared.begin_detach(self.id, true) {
+            Some(rx) => rx.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        if !self.detached {
+            self.shared.begin_detach(self.id, false);
+        }
+    }
+}
+
+/// State shared by the connection handle, the agent links and the I/O tasks.
+struct Shared {
+    router: Mutex<Router>,
+    closed: CancellationToken,
+    events: broadcast::Sender<Arc<Value>>,
+    /// Bytes queued for the writer and not yet written.
+    pipe_backlog: AtomicUsize,
+}
+
+/// The routing tables. Only ever locked for non-blocking work, never across an await.
+struct Router {
+    /// `None` once the connection is closed; dropping it ends the writer task.
+    to_pipe: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    close_reason: Option<String>,
+    next_id: u32,
+    pending: HashMap<u32, Pending>,
+    /// Agent-owned sessions by their real id. Sessions absent here belong to the supervisor.
+    sessions: HashMap<String, Session>,
+    agents: HashMap<AgentId, Agent>,
+    next_agent: u64,
+}
+
+struct Session {
+    agent: AgentId,
+    /// What the agent calls this session; `None` for the agent's own browser session, which the
+    /// agent addresses by omitting `sessionId`.
+    alias: Option<String>,
+    kind: SessionKind,
+    /// Real id of the session it was announced on; `None` for the agent's browser session.
+    parent: Option<String>,
+}
+
+struct Agent {
+    label: Arc<str>,
+    outbox: Arc<Outbox>,
+    /// Alias → real session id.
+    aliases: HashMap<String, String>,
+    /// Real id of the agent's browser session, once attached.
+    root: Option<String>,
+    /// Whether messages are still delivered to and accepted from the agent.
+    open: bool,
+    detaching: bool,
+}
+
+enum Pending {
+    Supervisor {
+        method: String,
+        session: Option<String>,
+        tx: oneshot::Sender<Result<Value, CdpError>>,
+    },
+    Agent {
+        agent: AgentId,
+        /// The agent's own request id.
+        id: i64,
+        /// Real id of the session the request went to.
+        session: String,
+        alias: Option<String>,
+        kind: SessionKind,
+        method: String,
+    },
+    Attach {
+        agent: AgentId,
+        tx: oneshot::Sender<Result<(), CdpError>>,
+    },
+    Detach {
+        agent: AgentId,
+        tx: Option<oneshot::Sender<Result<(), CdpError>>>,
+    },
+}
+
+/// A refused agent request, reported to the [`GateObserver`] outside the router lock.
+struct Denied {
+    method: String,
+    reason: String,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Router> {
+        // A panic while holding the lock leaves tables that are still structurally valid
+        // (every mutation is a single insert or remove), so keep routing rather than cascade.
+        self.router.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the connection once: answers everything pending, closes every agent, stops the
+    /// writer and wakes [`BrowserConn::closed`].
+    fn shutdown(&self, reason: &str) {
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        if router.close_reason.is_some() {
+            return;
+        }
+        tracing::warn!(reason, "cdp pipe closed");
+        router.close_reason = Some(reason.to_owned());
+        router.to_pipe = None;
+        let agent_message = format!("chaperone: the browser is gone ({reason})");
+        for (_, pending) in router.pending.drain() {
+            match pending {
+                Pending::Supervisor { method, tx, .. } => {
+                    let _ = tx.send(Err(CdpError::Closed {
+                        method,
+                        reason: reason.to_owned(),
+                    }));
+                }
+                Pending::Agent {
+                    agent, id, alias, ..
+                } => {
+                    if let Some(agent) = router.agents.get_mut(&agent) {
+                        let answer =
+                            error_answer(Some(id), alias.as_deref(), -32000, &agent_message, None);
+                        agent.deliver(answer);
+                    }
+                }
+                Pending::Attach { tx, .. } => {
+                    let _ = tx.send(Err(CdpError::Closed {
+                        method: "Target.attachToBrowserTarget".to_owned(),
+                        reason: reason.to_owned(),
+                    }));
+                }
+                // The browser is gone, and the agent's contexts with it.
+                Pending::Detach { tx, .. } => {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+            }
+        }
+        for agent in router.agents.values_mut() {
+            if agent.open {
+                agent.open = false;
+                agent
+                    .outbox
+                    .close(1001, &format!("the browser is gone: {reason}"));
+            }
+        }
+        router.sessions.clear();
+        drop(guard);
+        self.closed.cancel();
+    }
+
+    /// Handles one frame from an agent; returns the refusal to report, if any.
+    fn agent_frame(&self, agent_id: AgentId, frame: &str) -> Option<Denied> {
+        let request = match parse_agent_request(frame) {
+            Ok(request) => request,
+            Err(local) => {
+                let mut router = self.lock();
+                let agent = router.agents.get_mut(&agent_id).filter(|a| a.open)?;
+                agent.deliver(local.answer);
+                return local.denied;
+            }
+        };
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        let agent = router.agents.get_mut(&agent_id).filter(|a| a.open)?;
+        let id = request.id;
+        let method = request.method;
+
+        // Resolve the session. Unknown aliases are answered exactly like Chromium answers an
+        // unknown id, and never reach the pipe.
+        let (real, alias, kind) = match request.session {
+            None => (agent.root.clone()?, None, SessionKind::Browser),
+            Some(alias) => match agent.aliases.get(&alias) {
+                Some(real) => {
+                    let kind = router
+                        .sessions
+                        .get(real)
+                        .map_or(SessionKind::Other, |s| s.kind);
+                    (real.clone(), Some(alias), kind)
+                }
+                None => {
+                    let (code, message) = SESSION_NOT_FOUND;
+                    agent.deliver(error_answer(Some(id), None, code, message, None));
+                    return None;
+                }
+            },
+        };
+        let answer_error = |agent: &mut Agent, code: i64, message: &str, data: Option<&str>| {
+            agent.deliver(error_answer(
+                Some(id),
+                alias.as_deref(),
+                code,
+                message,
+                data,
+            ));
+        };
+
+        let mut params = match request.params {
+            Params::Absent => None,
+            Params::Object(value) => Some(value),
+            Params::Invalid(data) => {
+                answer_error(agent, -32602, "Invalid parameters", Some(&data));
+                return None;
+            }
+        };
+
+        if method == "Browser.close" {
+            let mut w = ObjWriter::with_capacity(64);
+            w.int("id", id);
+            w.raw("result", "{}");
+            if let Some(alias) = &alias {
+                w.string("sessionId", alias);
+            }
+            agent.deliver(w.finish());
+            agent.open = false;
+            agent.outbox.close(1000, BROWSER_CLOSE_REASON);
+            return None;
+        }
+
+        let empty = Value::Object(serde_json::Map::new());
+        if let Err(refusal) = gate::policy::check(kind, &method, params.as_ref().unwrap_or(&empty))
+        {
+            answer_error(agent, -32000, &refusal.message(&method), None);
+            return Some(Denied {
+                reason: refusal.reason().to_owned(),
+                method,
+            });
+        }
+
+        // CDP session ids inside params must be translated like the envelope's. In the Target
+        // domain only detachFromTarget takes one; any other Target command carrying one is
+        // refused rather than forwarded with an id the router cannot vouch for. Other domains
+        // use `sessionId` for unrelated things (device-bound sessions) and pass untouched.
+        if let Some(session_param) = params
+            .as_mut()
+            .filter(|_| method.starts_with("Target."))
+            .and_then(|p| p.as_object_mut())
+            .and_then(|p| p.get_mut("sessionId"))
+        {
+            if method != "Target.detachFromTarget" {
+                let reason = "chaperone only translates session ids inside params for \
+                              Target.detachFromTarget";
+                let refusal = gate::Refusal::new(reason);
+                answer_error(agent, -32000, &refusal.message(&method), None);
+                return Some(Denied {
+                    reason: reason.to_owned(),
+                    method,
+                });
+            }
+            match session_param.as_str().and_then(|a| agent.aliases.get(a)) {
+                Some(real) => *session_param = Value::String(real.clone()),
+                None => {
+                    answer_error(agent, -32602, "No session with given id", None);
+                    return None;
+                }
+            }
+        }
+
+        let backlog = self.pipe_backlog.load(Ordering::Relaxed);
+        if backlog > MAX_PIPE_BACKLOG {
+            let message = gate::Refusal::new(format!(
+                "the browser is not keeping up ({backlog} bytes are waiting to be written); \
+                 retry later"
+            ))
+            .message(&method);
+            answer_error(agent, -32000, &message, None);
+            return None;
+        }
+
+        let pipe_id = router.alloc_id();
+        let params_text = params.as_ref().map(Value::to_string);
+        let mut w = ObjWriter::with_capacity(
+            64 + method.len() + real.len() + params_text.as_ref().map_or(0, String::len),
+        );
+        w.int("id", pipe_id.into());
+        w.string("method", &method);
+        w.string("sessionId", &real);
+        if let Some(params) = &params_text {
+            w.raw("params", params);
+        }
+        router.pending.insert(
+            pipe_id,
+            Pending::Agent {
+                agent: agent_id,
+                id,
+                session: real,
+                alias,
+                kind,
+                method,
+            },
+        );
+        router.send(self, w.finish());
+        None
+    }
+
+    /// Starts detaching an agent's browser session. Returns a receiver for the answer when
+    /// `want_answer`, or `None` if there is nothing to wait for.
+    fn begin_detach(
+        &self,
+        agent_id: AgentId,
+        want_answer: bool,
+    ) -> Option<oneshot::Receiver<Result<(), CdpError>>> {
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        if router.close_reason.is_some() {
+            router.forget_agent(agent_id);
+            return None;
+        }
+        let agent = router.agents.get_mut(&agent_id)?;
+        if agent.detaching {
+            return None;
+        }
+        agent.open = false;
+        agent.detaching = true;
+        let Some(root) = agent.root.clone() else {
+            router.forget_agent(agent_id);
+            return None;
+        };
+        let (tx, rx) = if want_answer {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let pipe_id = router.alloc_id();
+        let mut w = ObjWriter::with_capacity(128);
+        w.int("id", pipe_id.into());
+        w.string("method", "Target.detachFromTarget");
+        let mut params = ObjWriter::with_capacity(64);
+        params.string("sessionId", &root);
+        w.raw("params", &params.finish());
+        router.pending.insert(
+            pipe_id,
+            Pending::Detach {
+                agent: agent_id,
+                tx,
+            },
+        );
+        router.send(self, w.finish());
+        rx
+    }
+
+    /// Routes one message from the browser.
+    fn route_from_browser(&self, frame: Vec<u8>) {
+        let text = match String::from_utf8(frame) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!(error = %e, "dropping a message from the browser that is not UTF-8");
+                return;
+            }
+        };
+        let message = match RawObject::parse(&text) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::error!(error = %e, "dropping a message from the browser that is not a JSON object");
+                return;
+            }
+        };
+        if let Some(id) = message.get("id") {
+            self.route_answer(&message, id);
+        } else if let Some(method) = message.get_str("method") {
+            if let Some(event) = self.route_event(&message, &method) {
+                self.to_supervisor(&text, event);
+            }
+        } else {
+            tracing::warn!("dropping a message from the browser with neither id nor method");
+        }
+    }
+
+    fn route_answer(&self, message: &RawObject<'_>, id: &RawValue) {
+        let Ok(pipe_id) = serde_json::from_str::<u32>(id.get()) else {
+            tracing::warn!(
+                id = id.get(),
+                "dropping an answer with an id the router never sent"
+            );
+            return;
+        };
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        let Some(pending) = router.pending.remove(&pipe_id) else {
+            // Already answered locally (session closed) or abandoned by a detached agent.
+            tracing::debug!(pipe_id, "dropping an answer nobody is waiting for");
+            return;
+        };
+        match pending {
+            Pending::Supervisor { method, tx, .. } => {
+                drop(guard);
+                // The caller may have given up waiting; nothing else wants the answer.
+                let _ = tx.send(supervisor_result(message, method));
+            }
+            Pending::Agent {
+                agent,
+                id,
+                session,
+                alias,
+                kind,
+                method,
+            } => router.answer_agent(
+                message,
+                agent,
+                id,
+                &session,
+                alias.as_deref(),
+                kind,
+                &method,
+            ),
+            Pending::Attach { agent, tx } => {
+                let result = message
+                    .get("result")
+                    .and_then(|r| RawObject::parse(r.get()).ok())
+                    .and_then(|r| r.get_str("sessionId"));
+                let Some(real) = result else {
+                    router.agents.remove(&agent);
+                    let _ = tx.send(Err(error_of_answer(
+                        message,
+                        "Target.attachToBrowserTarget",
+                    )));
+                    return;
+                };
+                let Some(record) = router.agents.get_mut(&agent) else {
+                    return;
+                };
+                record.root = Some(real.clone());
+                record.open = true;
+                router.sessions.insert(
+                    real,
+                    Session {
+                        agent,
+                        alias: None,
+                        kind: SessionKind::Browser,
+                        parent: None,
+                    },
+                );
+                if tx.send(Ok(())).is_err() {
+                    drop(guard);
+                    self.begin_detach(agent, false);
+                }
+            }
+            Pending::Detach { agent, tx } => {
+                router.forget_agent(agent);
+                if let Some(tx) = tx {
+                    let result = if message.get("error").is_some() {
+                        Err(error_of_answer(message, "Target.detachFromTarget"))
+                    } else {
+                        Ok(())
+                    };
+                    let _ = tx.send(result);
+                }
+            }
+        }
+    }
+
+    /// Routes an event. Returns `Some` when the event is the supervisor's.
+    fn route_event(&self, message: &RawObject<'_>, method: &str) -> Option<SupervisorEvent> {
+        let session = message.get_str("sessionId");
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        let owner = session.as_deref().and_then(|s| router.sessions.get(s));
+        let Some(owner) = owner else {
+            if method == "Target.detachedFromTarget" {
+                if let Some(detached) = detached_session(message) {
+                    router.session_detached(&detached);
+                }
+            }
+            return Some(SupervisorEvent);
+        };
+        let agent_id = owner.agent;
+        let alias = owner.alias.clone();
+        let kind = owner.kind;
+        let real = session.unwrap_or_default();
+        let delivered =
+            router.event_for_agent(message, method, agent_id, &real, alias.as_deref(), kind);
+        if let Some(text) = delivered {
+            if let Some(agent) = router.agents.get_mut(&agent_id) {
+                agent.deliver(text);
+            }
+        }
+        if method == "Target.detachedFromTarget" {
+            if let Some(detached) = detached_session(message) {
+                router.session_detached(&detached);
+            }
+        }
+        None
+    }
+
+    fn to_supervisor(&self, text: &str, _: SupervisorEvent) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(event) => {
+                let _ = self.events.send(Arc::new(event));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping a supervisor event serde_json cannot represent")
+            }
+        }
+    }
+}
+
+/// Marker: the event belongs to the supervisor.
+struct SupervisorEvent;
+
+impl Router {
+    /// A pipe id not in use. Chromium accepts only 32-bit signed ids.
+    fn alloc_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = if id >= i32::MAX as u32 { 1 } else { id + 1 };
+            if !self.pending.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Queues `message` for the writer. Callers have checked that the connection is open; if the
+    /// writer died meanwhile, its shutdown answers the pending entry the caller registered.
+    fn send(&mut self, shared: &Shared, message: String) {
+        let mut bytes = message.into_bytes();
+        bytes.push(0);
+        let len = bytes.len();
+        match &self.to_pipe {
+            Some(to_pipe) => {
+                shared.pipe_backlog.fetch_add(len, Ordering::Relaxed);
+                if to_pipe.send(bytes).is_err() {
+                    shared.pipe_backlog.fetch_sub(len, Ordering::Relaxed);
+                    tracing::error!("the pipe writer is gone; message dropped");
+                }
+            }
+            None => tracing::debug!("connection closed; message dropped"),
+        }
+    }
+
+    /// Removes an agent with all its sessions and pending requests.
+    fn forget_agent(&mut self, agent: AgentId) {
+        self.agents.remove(&agent);
+        self.sessions.retain(|_, s| s.agent != agent);
+        self.pending.retain(|_, p| match p {
+            Pending::Agent { agent: a, .. } => *a != agent,
+            _ => true,
+        });
+    }
+
+    /// Builds the agent's copy of an answer.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_agent(
+        &mut self,
+        message: &RawObject<'_>,
+        agent_id: AgentId,
+        id: i64,
+        session: &str,
+        alias: Option<&str>,
+        kind: SessionKind,
+        method: &str,
+    ) {
+        if !self.agents.get(&agent_id).is_some_and(|a| a.open) {
+            return;
+        }
+        let mut result_text = None;
+        if let Some(result) = message.get("result") {
+            if matches!(
+                method,
+                "Target.attachToTarget" | "Target.attachToBrowserTarget"
+            ) {
+                result_text = self.attach_result(result, agent_id, session, method);
+                if result_text.is_none() {
+                    return;
+                }
+            }
+            if gate::scrub::reply_needs_scrub(kind, method) {
+                let text = result_text.as_deref().unwrap_or(result.get());
+                match serde_json::from_str::<Value>(text) {
+                    Ok(mut value) => {
+                        gate::scrub::scrub_reply(kind, method, &mut value);
+                        result_text = Some(value.to_string());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, method, "answer cannot be scrubbed; refusing it");
+                        let message = format!(
+                            "chaperone: {method} refused: the answer contains text the gate \
+                             cannot inspect"
+                        );
+                        let answer = error_answer(Some(id), alias, -32000, &message, None);
+                        if let Some(agent) = self.agents.get_mut(&agent_id) {
+                            agent.deliver(answer);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        let capacity = message
+            .members
+            .iter()
+            .map(|(_, v)| v.get().len() + 16)
+            .sum::<usize>();
+        let mut w = ObjWriter::with_capacity(capacity);
+        let mut wrote_session = false;
+        for (key, value) in &message.members {
+            match key.as_ref() {
+                "id" => w.int("id", id),
+                "sessionId" => {
+                    if let Some(alias) = alias {
+                        w.string("sessionId", alias);
+                        wrote_session = true;
+                    }
+                }
+                "result" => w.raw("result", result_text.as_deref().unwrap_or(value.get())),
+                other => w.raw(other, value.get()),
+            }
+        }
+        if let (Some(alias), false) = (alias, wrote_session) {
+            w.string("sessionId", alias);
+        }
+        let text = w.finish();
+        if let Some(agent) = self.agents.get_mut(&agent_id) {
+            agent.deliver(text);
+        }
+    }
+
+    /// Rewrites the real `sessionId` in an attach answer to the agent's alias, registering the
+    /// session if its `attachedToTarget` event did not.
+    fn attach_result(
+        &mut self,
+        result: &RawValue,
+        agent_id: AgentId,
+        parent: &str,
+        method: &str,
+    ) -> Option<String> {
+        let object = RawObject::parse(result.get()).ok()?;
+        let Some(real) = object.get_str("sessionId") else {
+            return Some(result.get().to_owned());
+        };
+        let kind = if method == "Target.attachToBrowserTarget" {
+            SessionKind::Browser
+        } else {
+            SessionKind::Other
+        };
+        let alias = self.register_session(agent_id, &real, kind, parent)?;
+        let mut w = ObjWriter::with_capacity(result.get().len() + 16);
+        for (key, value) in &object.members {
+            if key == "sessionId" {
+                w.string("sessionId", &alias);
+            } else {
+                w.raw(key, value.get());
+            }
+        }
+        Some(w.finish())
+    }
+
+    /// Makes `real` a session of `agent_id` and returns its alias (the existing one if it is
+    /// already the agent's). `None` if another agent owns it.
+    fn register_session(
+        &mut self,
+        agent_id: AgentId,
+        real: &str,
+        kind: SessionKind,
+        parent: &str,
+    ) -> Option<String> {
+        if let Some(existing) = self.sessions.get(real) {
+            return if existing.agent == agent_id {
+                existing.alias.clone()
+            } else {
+                tracing::error!("a session announced to one agent is owned by another");
+                None
+            };
+        }
+        let agent = self.agents.get_mut(&agent_id)?;
+        let alias = loop {
+            let candidate = format!("{:032X}", rand::random::<u128>());
+            if !agent.aliases.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        agent.aliases.insert(alias.clone(), real.to_owned());
+        self.sessions.insert(
+            real.to_owned(),
+            Session {
+                agent: agent_id,
+                alias: Some(alias.clone()),
+                kind,
+                parent: Some(parent.to_owned()),
+            },
+        );
+        Some(alias)
+    }
+
+    /// Builds the agent's copy of an event on one of its sessions, or `None` to drop it.
+    fn event_for_agent(
+        &mut self,
+        message: &RawObject<'_>,
+        method: &str,
+        agent_id: AgentId,
+        real: &str,
+        alias: Option<&str>,
+        kind: SessionKind,
+    ) -> Option<String> {
+        let mut params_text: Option<String> = None;
+        if let Some(params) = message.get("params") {
+            // Only the Target domain's `sessionId` params are CDP sessions (attachedToTarget,
+            // detachedFromTarget, receivedMessageFromTarget); elsewhere the name means something
+            // else (Network's device-bound sessions) and passes untouched.
+            let target_domain = method.starts_with("Target.");
+            if let Some(object) = RawObject::parse(params.get())
+                .ok()
+                .filter(|_| target_domain)
+            {
+                if let Some(inner_real) = object.get_str("sessionId") {
+                    // attachedToTarget announces a new session: register it before the event
+                    // is queued so the agent can use the alias the moment it sees it.
+                    let inner_alias = if method == "Target.attachedToTarget" {
+                        let inner_kind = object
+                            .get("targetInfo")
+                            .and_then(|t| serde_json::from_str::<TargetType>(t.get()).ok())
+                            .map_or(SessionKind::Other, |t| {
+                                SessionKind::from_target_type(&t.kind)
+                            });
+                        self.register_session(agent_id, &inner_real, inner_kind, real)
+                    } else {
+                        self.sessions
+                            .get(&inner_real)
+                            .filter(|s| s.agent == agent_id)
+                            .and_then(|s| s.alias.clone())
+                    };
+                    let Some(inner_alias) = inner_alias else {
+                        tracing::warn!(
+                            method,
+                            "dropping an event naming a session the agent does not own"
+                        );
+                        return None;
+                    };
+                    let mut w = ObjWriter::with_capacity(params.get().len() + 16);
+                    for (key, value) in &object.members {
+                        if key == "sessionId" {
+                            w.string("sessionId", &inner_alias);
+                        } else {
+                            w.raw(key, value.get());
+                        }
+                    }
+                    params_text = Some(w.finish());
+                }
+            }
+            if gate::scrub::event_needs_scrub(kind, method) {
+                let text = params_text.as_deref().unwrap_or(params.get());
+                match serde_json::from_str::<Value>(text) {
+                    Ok(mut value) => {
+                        gate::scrub::scrub_event(kind, method, &mut value);
+                        params_text = Some(value.to_string());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, method, "event cannot be scrubbed; dropping it");
+                        return None;
+                    }
+                }
+            }
+        }
+        if !self.agents.get(&agent_id).is_some_and(|a| a.open) {
+            return None;
+        }
+        let capacity = message
+            .members
+            .iter()
+            .map(|(_, v)| v.get().len() + 16)
+            .sum::<usize>();
+        let mut w = ObjWriter::with_capacity(capacity);
+        for (key, value) in &message.members {
+            match key.as_ref() {
+                "sessionId" => {
+                    if let Some(alias) = alias {
+                        w.string("sessionId", alias);
+                    }
+                }
+                "params" => w.raw("params", params_text.as_deref().unwrap_or(value.get())),
+                other => w.raw(other, value.get()),
+            }
+        }
+        Some(w.finish())
+    }
+
+    /// Forgets a detached session and every session announced on it, and answers the requests
+    /// still pending on them so each gets exactly one answer (a late real answer is dropped).
+    fn session_detached(&mut self, real: &str) {
+        let mut gone = vec![real.to_owned()];
+        let mut i = 0;
+        while i < gone.len() {
+            let children: Vec<String> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.parent.as_deref() == Some(gone[i].as_str()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            gone.extend(children);
+            i += 1;
+        }
+        for session in &gone {
+            let Some(record) = self.sessions.remove(session) else {
+                continue;
+            };
+            let Some(agent) = self.agents.get_mut(&record.agent) else {
+                continue;
+            };
+            match record.alias {
+                Some(alias) => {
+                    agent.aliases.remove(&alias);
+                }
+                None => {
+                    // The agent's own browser session is gone (not by its own detach): nothing
+                    // it sends can be routed any more.
+                    agent.root = None;
+                    if agent.open {
+                        agent.open = false;
+                        agent
+                            .outbox
+                            .close(1011, "the agent's browser session was detached");
+                    }
+                }
+            }
+        }
+        let stale: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p {
+                Pending::Supervisor {
+                    session: Some(s), ..
+                } => gone.contains(s),
+                Pending::Agent { session, .. } => gone.contains(session),
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let (code, message) = SESSION_CLOSED;
+        for pipe_id in stale {
+            match self.pending.remove(&pipe_id) {
+                Some(Pending::Supervisor { method, tx, .. }) => {
+                    let _ = tx.send(Err(CdpError::Protocol {
+                        method,
+                        code,
+                        message: message.to_owned(),
+                        data: None,
+                    }));
+                }
+                Some(Pending::Agent {
+                    agent, id, alias, ..
+                }) => {
+                    if let Some(agent) = self.agents.get_mut(&agent) {
+                        agent.deliver(error_answer(
+                            Some(id),
+                            alias.as_deref(),
+                            code,
+                            message,
+                            None,
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Queues a message for the agent unless it is closing; closes it if its queue overflows.
+    fn deliver(&mut self, text: String) {
+        if self.open && !self.outbox.push_text(text) {
+            tracing::warn!(agent = %self.label, "agent reads too slowly; closing its connection");
+            self.open = false;
+        }
+    }
+}
+
+/// `targetInfo.type`, read without decoding the rest of `targetInfo`.
+#[derive(Deserialize)]
+struct TargetType {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// `params.sessionId` of a `Target.detachedFromTarget` event.
+fn detached_session(message: &RawObject<'_>) -> Option<String> {
+    let params = RawObject::parse(message.get("params")?.get()).ok()?;
+    params.get_str("sessionId")
+}
+
+/// The supervisor's view of an answer.
+fn supervisor_result(message: &RawObject<'_>, method: String) -> Result<Value, CdpError> {
+    if message.get("error").is_some() {
+        return Err(error_of_answer(message, &method));
+    }
+    match message.get("result") {
+        Some(result) => {
+            serde_json::from_str(result.get()).map_err(|source| CdpError::Decode { method, source })
+        }
+        None => Ok(Value::Object(serde_json::Map::new())),
+    }
+}
+
+/// The error member of an answer as a [`CdpError`].
+fn error_of_answer(message: &RawObject<'_>, method: &str) -> CdpError {
+    #[derive(Deserialize)]
+    struct ErrorMember {
+        code: i64,
+        message: String,
+        data: Option<Value>,
+    }
+    let error = message
+        .get("error")
+        .and_then(|e| serde_json::from_str::<ErrorMember>(e.get()).ok());
+    match error {
+        Some(e) => CdpError::Protocol {
+            method: method.to_owned(),
+            code: e.code,
+            message: e.message,
+            data: e.data.map(|d| match d {
+                Value::String(s) => s,
+                other => other.to_string(),
+            }),
+        },
+        None => CdpError::Protocol {
+            method: method.to_owned(),
+            code: -32603,
+            message: "the browser's answer has neither a result nor a readable error".to_owned(),
+            data: None,
+        },
+    }
+}
+
+/// A CDP error answer as JSON text.
+fn error_answer(
+    id: Option<i64>,
+    session_alias: Option<&str>,
+    code: i64,
+    message: &str,
+    data: Option<&str>,
+) -> String {
+    let mut error = ObjWriter::with_capacity(32 + message.len());
+    error.int("code", code);
+    error.string("message", message);
+    if let Some(data) = data {
+        error.string("data", data);
+    }
+    let mut w = ObjWriter::with_capacity(64 + message.len());
+    if let Some(id) = id {
+        w.int("id", id);
+    }
+    w.raw("error", &error.finish());
+    if let Some(alias) = session_alias {
+        w.string("sessionId", alias);
+    }
+    w.finish()
+}
+
+/// A well-formed agent request.
+struct AgentRequest {
+    id: i64,
+    method: String,
+    session: Option<String>,
+    params: Params,
+}
+
+enum Params {
+    Absent,
+    Object(Value),
+    /// Present but unusable; the text is the `data` of the `-32602` answer.
+    Invalid(String),
+}
+
+/// A request answered without consulting the browser.
+struct LocalAnswer {
+    answer: String,
+    denied: Option<Denied>,
+}
+
+impl LocalAnswer {
+    fn invalid(id: Option<i64>, code: i64, message: &str) -> LocalAnswer {
+        LocalAnswer {
+            answer: error_answer(id, None, code, message, None),
+            denied: None,
+        }
+    }
+}
+
+/// Validates an agent frame the way Chromium validates a message (same codes and texts), so a
+/// client sees the same errors with or without chaperone in between.
+fn parse_agent_request(frame: &str) -> Result<AgentRequest, LocalAnswer> {
+    if frame.len() > MAX_AGENT_MESSAGE {
+        #[derive(Deserialize)]
+        struct Head {
+            id: Option<Value>,
+            method: Option<Value>,
+        }
+        let head = serde_json::from_str::<Head>(frame).ok();
+        let id = head.as_ref().and_then(|h| h.id.as_ref()).and_then(int32_id);
+        let method = head
+            .as_ref()
+            .and_then(|h| h.method.as_ref())
+            .and_then(Value::as_str)
+            .unwrap_or("message")
+            .to_owned();
+        let reason = format!(
+            "it is {} bytes, more than the {MAX_AGENT_MESSAGE}-byte limit",
+            frame.len()
+        );
+        let refusal = gate::Refusal::new(reason.clone());
+        return Err(LocalAnswer {
+            answer: error_answer(id, None, -32000, &refusal.message(&method), None),
+            denied: Some(Denied { method, reason }),
+        });
+    }
+    let object = match RawObject::parse(frame) {
+        Ok(object) => object,
+        Err(e) => {
+            return Err(
+                if serde_json::from_str::<serde::de::IgnoredAny>(frame).is_ok() {
+                    LocalAnswer::invalid(None, -32600, "Message must be an object")
+                } else {
+                    LocalAnswer::invalid(None, -32700, &format!("JSON: {e}"))
+                },
+            );
+        }
+    };
+    let id = object
+        .get("id")
+        .and_then(|raw| serde_json::from_str::<i64>(raw.get()).ok())
+        .filter(|id| i32::try_from(*id).is_ok())
+        .ok_or_else(|| {
+            LocalAnswer::invalid(None, -32600, "Message must have integer 'id' property")
+        })?;
+    let method = object
+        .get("method")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .ok_or_else(|| {
+            LocalAnswer::invalid(
+                Some(id),
+                -32600,
+                "Message must have string 'method' property",
+            )
+        })?;
+    let session = match object.get("sessionId") {
+        None => None,
+        Some(raw) => Some(serde_json::from_str::<String>(raw.get()).map_err(|_| {
+            LocalAnswer::invalid(
+                Some(id),
+                -32600,
+                "Message may have string 'sessionId' property",
+            )
+        })?),
+    };
+    if object
+        .members
+        .iter()
+        .any(|(k, _)| !matches!(k.as_ref(), "id" | "method" | "sessionId" | "params"))
+    {
+        return Err(LocalAnswer::invalid(
+            Some(id),
+            -32600,
+            "Message has property other than 'id', 'method', 'sessionId', 'params'",
+        ));
+    }
+    let params = match object.get("params").map(|raw| raw.get().trim_start()) {
+        None => Params::Absent,
+        Some(text) if text.starts_with("null") => Params::Absent,
+        Some(text) if text.starts_with('{') => match serde_json::from_str::<Value>(text) {
+            Ok(value) => Params::Object(value),
+            Err(e) => Params::Invalid(format!(
+                "Failed to deserialize params - chaperone cannot inspect them: {e}"
+            )),
+        },
+        Some(text) if text.starts_with('[') => {
+            Params::Invalid("Failed to deserialize params - params must be an object".to_owned())
+        }
+        Some(_) => {
+            return Err(LocalAnswer::invalid(
+                Some(id),
+                -32600,
+                "Message may have object 'params' property",
+            ))
+        }
+    };
+    Ok(AgentRequest {
+        id,
+        method,
+        session,
+        params,
+    })
+}
+
+fn int32_id(value: &Value) -> Option<i64> {
+    value.as_i64().filter(|id| i32::try_from(*id).is_ok())
+}
+
+/// The queue of frames for one agent.
+struct Outbox {
+    state: Mutex<OutboxState>,
+    notify: Notify,
+    /// Bytes that may wait before the agent is closed.
+    limit: usize,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox::with_limit(MAX_AGENT_BACKLOG)
+    }
+}
+
+#[derive(Default)]
+struct OutboxState {
+    queue: VecDeque<ToAgent>,
+    bytes: usize,
+    closing: bool,
+}
+
+impl Outbox {
+    fn with_limit(limit: usize) -> Outbox {
+        Outbox {
+            state: Mutex::default(),
+            notify: Notify::new(),
+            limit,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message; `false` if the agent is closing or this message closed it.
+    fn push_text(&self, text: String) -> bool {
+        let mut state = self.state();
+        if state.closing {
+            return false;
+        }
+        if state.bytes > 0 && state.bytes + text.len() > self.limit {
+            let waiting = state.bytes + text.len();
+            state.queue.clear();
+            state.bytes = 0;
+            state.closing = true;
+            state.queue.push_back(ToAgent::Close {
+                code: 1008,
+                reason: close_reason(&format!(
+                    "chaperone: the agent read too slowly ({waiting} bytes waiting)"
+                )),
+            });
+            drop(state);
+            self.notify.notify_one();
+            return false;
+        }
+        state.bytes += text.len();
+        state.queue.push_back(ToAgent::Text(text));
+        drop(state);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues the final Close frame (once).
+    fn close(&self, code: u16, reason: &str) {
+        let mut state = self.state();
+        if state.closing {
+            return;
+        }
+        state.closing = true;
+        state.queue.push_back(ToAgent::Close {
+            code,
+            reason: close_reason(reason),
+        });
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    async fn recv(&self) -> Option<ToAgent> {
+        loop {
+            {
+                let mut state = self.state();
+                if let Some(frame) = state.queue.pop_front() {
+                    if let ToAgent::Text(text) = &frame {
+                        state.bytes -= text.len();
+                    }
+                    return Some(frame);
+                }
+                if state.closing {
+                    return None;
+                }
+            }
+            // notify_one stores a permit when nobody waits, so a push between the check above
+            // and this await is not lost.
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A close reason trimmed to the 123 bytes a WebSocket close frame can carry.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+async fn read_loop(shared: Arc<Shared>, receiver: pipe::Receiver) {
+    let mut reader = FrameReader::new(receiver, MAX_INBOUND_MESSAGE);
+    let reason = loop {
+        match reader.next_frame().await {
+            Ok(Some(frame)) => shared.route_from_browser(frame),
+            Ok(None) => break "the browser closed its end of the pipe".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    shared.shutdown(&reason);
+}
+
+async fn write_loop(
+    shared: Arc<Shared>,
+    mut sender: pipe::Sender,
+    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    while let Some(message) = queue.recv().await {
+        let result = write_frame(&mut sender, &message).await;
+        shared
+            .pipe_backlog
+            .fetch_sub(message.len(), Ordering::Relaxed);
+        if let Err(e) = result {
+            shared.shutdown(&format!(
+                "writing to the browser's pipe (its fd 3) failed: {e}"
+            ));
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

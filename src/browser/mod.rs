@@ -1,0 +1,9 @@
+//! The browser side: Chromium's CDP pipe transport and the connection that multiplexes the
+//! supervisor and agent connections onto it.
+
+pub mod chromium;
+pub mod conn;
+mod envelope;
+pub mod pipe;
+
+pub use conn::{AgentId, AgentLink, BrowserConn, CdpError, ToAgent};

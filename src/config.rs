@@ -1,0 +1,305 @@
+//! The supervisor's own configuration (`chaperone serve --config FILE`, TOML).
+//!
+//! Every field has a safe default, so `chaperone serve` with no file runs on the embedded
+//! default. Unknown fields are rejected and errors name the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the control API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlAddr {
+    /// A Unix socket (mode 0600: only the supervisor's user may use it).
+    Unix(PathBuf),
+    /// TCP; every request must carry the operator token.
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for ControlAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("`unix:` needs a socket path after it".into());
+            }
+            return Ok(ControlAddr::Unix(PathBuf::from(p)));
+        }
+        s.parse::<SocketAddr>().map(ControlAddr::Tcp).map_err(|_| {
+            format!("`{s}` is neither unix:PATH nor an address such as 127.0.0.1:9230")
+        })
+    }
+}
+
+impl std::fmt::Display for ControlAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ControlAddr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl Serialize for ControlAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ControlAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `chaperone serve` configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Agent CDP endpoint. Default `127.0.0.1:9222` (loopback only).
+    pub listen: SocketAddr,
+    /// Host name put into `cdp_url`/`http_url` instead of the listen address (e.g. when agents
+    /// reach the supervisor by a DNS name). It is also accepted in the `Host` header.
+    pub public_host: Option<String>,
+    /// Control API. Default: a Unix socket under the runtime directory.
+    pub control: ControlAddr,
+    /// File holding the operator token; required when `control` is TCP.
+    pub control_token_file: Option<PathBuf>,
+    /// The audit log (JSON Lines, hash-chained).
+    pub audit_log: PathBuf,
+    /// Serve the agent endpoint over TLS (`wss://`) with this certificate chain and key (PEM).
+    pub tls: Option<TlsConfig>,
+    /// Browser settings.
+    pub browser: BrowserConfig,
+    /// Sandbox settings.
+    pub sandbox: SandboxConfig,
+    /// Limits on what operators may ask for.
+    pub limits: LimitsConfig,
+}
+
+/// TLS for the agent endpoint.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Browser settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrowserConfig {
+    /// The Chromium binary, run directly (not Debian's `/usr/bin/chromium` wrapper).
+    pub path: PathBuf,
+    /// How long a launch may take before the session is refused.
+    #[serde(with = "humantime_serde")]
+    pub launch_timeout: Duration,
+}
+
+/// Sandbox settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Layers this host may lack without refusing sessions (e.g. `["cgroup"]`). Default none:
+    /// a missing layer refuses every session. Sessions that run degraded say so.
+    pub accept_degraded: Vec<String>,
+    /// Memory limit per session (cgroup).
+    pub memory_limit: bytesize::ByteSize,
+    /// Process limit per session (cgroup).
+    pub pids_limit: u64,
+    /// When the supervisor runs as root, session N runs as host uid/gid `uid_base + N`.
+    pub uid_base: u32,
+    /// Size of the per-session uid range.
+    pub uid_count: u32,
+}
+
+/// Limits on what operators may ask for.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Sessions alive at once; more are refused with 503.
+    pub max_sessions: usize,
+    /// The longest mandate accepted.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Largest mandate body accepted by the control API.
+    pub max_mandate_bytes: usize,
+    /// Largest websocket message accepted from an agent.
+    pub max_agent_message: bytesize::ByteSize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let root = nix::unistd::geteuid().is_root();
+        let runtime = if root {
+            PathBuf::from("/run/chaperone")
+        } else {
+            std::env::var_os("XDG_RUNTIME_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+                .join("chaperone")
+        };
+        let state = if root {
+            PathBuf::from("/var/lib/chaperone")
+        } else {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".local/state/chaperone"))
+                .unwrap_or_else(|| std::env::temp_dir().join("chaperone-state"))
+        };
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9222)),
+            public_host: None,
+            control: ControlAddr::Unix(runtime.join("control.sock")),
+            control_token_file: None,
+            audit_log: state.join("audit.jsonl"),
+            tls: None,
+            browser: BrowserConfig::default(),
+            sandbox: SandboxConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for BrowserConfig {
+    fn default() -> Self {
+        BrowserConfig {
+            path: PathBuf::from("/usr/lib/chromium/chromium"),
+            launch_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            accept_degraded: Vec::new(),
+            memory_limit: bytesize::ByteSize::gib(2),
+            pids_limit: 1024,
+            uid_base: 1_500_000,
+            uid_count: 65_536,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: 16,
+            max_ttl: Duration::from_secs(crate::mandate::DEFAULT_MAX_TTL_SECS),
+            max_mandate_bytes: 256 * 1024,
+            max_agent_message: bytesize::ByteSize::mib(16),
+        }
+    }
+}
+
+/// A config that could not be used, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The config file (or `config` for the built-in one).
+    pub path: String,
+    /// What is wrong, with the field.
+    pub message: String,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            err(match line {
+                Some(l) => format!("line {l}: {}", e.message()),
+                None => e.message().to_string(),
+            })
+        })?;
+        cfg.check().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Checks relations between fields.
+    pub fn check(&self) -> Result<(), String> {
+        if matches!(self.control, ControlAddr::Tcp(_)) && self.control_token_file.is_none() {
+            return Err(
+                "control: a TCP control API needs control_token_file (operator token)".into(),
+            );
+        }
+        if self.limits.max_sessions == 0 {
+            return Err("limits.max_sessions: must be at least 1".into());
+        }
+        if self.sandbox.uid_count == 0 {
+            return Err("sandbox.uid_count: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The host name agents use in URLs.
+    pub fn advertised_host(&self, bound: SocketAddr) -> String {
+        match &self.public_host {
+            Some(h) => format!("{h}:{}", bound.port()),
+            None => bound.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_loopback_and_unix_socket() {
+        let c = Config::default();
+        assert!(c.listen.ip().is_loopback());
+        assert!(matches!(c.control, ControlAddr::Unix(_)));
+        assert!(c.check().is_ok());
+    }
+
+    #[test]
+    fn unknown_and_bad_fields_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:1\"\n[sandbox]\nmemory_limt = \"1GiB\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("memory_limt") && e.contains("line 3"), "{e}");
+        std::fs::write(&p, "control = \"127.0.0.1:9000\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("control_token_file"), "{e}");
+        std::fs::write(
+            &p,
+            "[limits]\nmax_ttl = \"2h\"\n[sandbox]\nmemory_limit = \"512MiB\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.limits.max_ttl, Duration::from_secs(7200));
+        assert_eq!(c.sandbox.memory_limit.as_u64(), 512 * 1024 * 1024);
+    }
+
+    #[test]
+    fn control_addr_parses_both_forms() {
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<ControlAddr>().unwrap(),
+            ControlAddr::Unix("/tmp/x.sock".into())
+        );
+        assert!(matches!(
+            "127.0.0.1:9".parse::<ControlAddr>().unwrap(),
+            ControlAddr::Tcp(_)
+        ));
+        assert!("unix:".parse::<ControlAddr>().is_err());
+        assert!("nonsense".parse::<ControlAddr>().is_err());
+    }
+}

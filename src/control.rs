@@ -1,0 +1,171 @@
+//! The operator API: JSON over HTTP/1.1 on a Unix socket (default) or TCP with a token.
+//!
+//! `POST /v1/sessions` (body: a mandate) → 201 with `id`, `state`, `cdp_url`, `http_url`,
+//! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `DELETE /v1/sessions/{id}`
+//! (revoke, answers once purged); `GET /healthz`; `GET /metrics`. Errors are
+//! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::mandate::Mandate;
+use crate::session::{Registry, RegistryError};
+
+#[derive(Clone)]
+struct Ctl {
+    reg: Arc<Registry>,
+    token: Option<Arc<str>>,
+}
+
+/// The control API's routes. With `token`, every request must carry
+/// `Authorization: Bearer <token>`.
+pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
+    let ctl = Ctl {
+        reg,
+        token: token.map(Arc::from),
+    };
+    Router::new()
+        .route("/v1/sessions", get(list).post(create))
+        .route("/v1/sessions/{id}", get(show).delete(revoke))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/sessions") })
+        .layer(axum::middleware::from_fn_with_state(ctl.clone(), auth))
+        .with_state(ctl)
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (status, Json(json!({ "error": msg.to_string() }))).into_response()
+}
+
+async fn auth(State(ctl): State<Ctl>, req: Request, next: Next) -> Response {
+    if let Some(token) = &ctl.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "authorization: send `Authorization: Bearer <operator token>`",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    // Comparing digests keeps the time independent of where the inputs differ and of the
+    // secret's length.
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    let status = match e {
+        RegistryError::Full(_) | RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::Launch(_) | RegistryError::Audit(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e)
+}
+
+async fn create(State(ctl): State<Ctl>, req: Request<Body>) -> Response {
+    let limit = ctl.reg.config().limits.max_mandate_bytes;
+    let bytes = match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("mandate: larger than limits.max_mandate_bytes ({limit} bytes)"),
+            )
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return error(StatusCode::BAD_REQUEST, "mandate: body is not UTF-8 JSON");
+    };
+    let max_ttl = ctl.reg.config().limits.max_ttl.as_secs();
+    let mandate = match Mandate::from_json(text)
+        .and_then(|m| m.validate(OffsetDateTime::now_utc(), max_ttl))
+    {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("mandate.{e}")),
+    };
+    match ctl.reg.create(mandate).await {
+        Ok(s) => (StatusCode::CREATED, Json(s.view(ctl.reg.urls()))).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn list(State(ctl): State<Ctl>) -> Response {
+    let v: Vec<_> = ctl
+        .reg
+        .list()
+        .iter()
+        .map(|s| s.view(ctl.reg.urls()))
+        .collect();
+    Json(json!({ "sessions": v })).into_response()
+}
+
+async fn show(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    match ctl.reg.get(&id) {
+        Some(s) => Json(s.view(ctl.reg.urls())).into_response(),
+        None => registry_error(RegistryError::NotFound(id)),
+    }
+}
+
+async fn revoke(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    match ctl.reg.revoke(&id).await {
+        Ok(s) => Json(s.view(ctl.reg.urls())).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn healthz(State(ctl): State<Ctl>) -> Response {
+    let live = ctl
+        .reg
+        .list()
+        .iter()
+        .filter(|s| s.state().end_reason().is_none())
+        .count();
+    Json(json!({ "status": "ok", "sessions_live": live })).into_response()
+}
+
+async fn metrics(State(ctl): State<Ctl>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctl.reg.metrics().render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

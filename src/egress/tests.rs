@@ -1,0 +1,916 @@
+//! The proxy over real sockets on 127.0.0.1: a raw HTTP proxy client, a hyper upstream that
+//! counts every connection it accepts, and an echo server standing in for a CONNECT target.
+//!
+//! "Upstream got nothing" is checked after [`Upstream::settle`]: the listen queue is FIFO, so
+//! once a direct connection made after the refusal has been accepted, any connection the proxy
+//! had made before it has been counted too.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::egress::{
+    serve, Denied, DenyReason, EgressObserver, EgressPolicy, HostPattern, Kind, RequestInfo,
+};
+
+/// Hang guard only: every step that waits on the network is bounded by it.
+const GUARD: Duration = Duration::from_secs(20);
+const SETTLE_PATH: &str = "/__settle";
+const BIG_LEN: usize = 1 << 20;
+
+async fn guard<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(GUARD, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("hang guard: {what} did not finish"),
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    requests: Mutex<Vec<RequestInfo>>,
+    denied: Mutex<Vec<Denied>>,
+}
+
+impl EgressObserver for Recorder {
+    fn request(&self, r: &RequestInfo) {
+        self.requests.lock().unwrap().push(r.clone());
+    }
+    fn denied(&self, d: &Denied) {
+        self.denied.lock().unwrap().push(d.clone());
+    }
+}
+
+impl Recorder {
+    fn requests(&self) -> Vec<RequestInfo> {
+        self.requests.lock().unwrap().clone()
+    }
+    fn denied(&self) -> Vec<Denied> {
+        self.denied.lock().unwrap().clone()
+    }
+}
+
+/// What the upstream saw of one request.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A hyper HTTP/1.1 server on 127.0.0.1 that records requests and counts accepted connections.
+struct Upstream {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (a, s) = (Arc::clone(&accepts), Arc::clone(&seen));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let s = Arc::clone(&s);
+                        async move { Ok::<_, Infallible>(upstream_reply(req, &s).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            accepts,
+            seen,
+            task,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Connections accepted before this call, not counting its own.
+    async fn settle(&self) -> usize {
+        let mut c = Client::direct(self.addr).await;
+        c.send(&format!(
+            "GET {SETTLE_PATH} HTTP/1.1\r\nHost: settle\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(c.response().await.status, 200);
+        self.accepts.load(Ordering::SeqCst) - 1
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream_reply(req: Request<Incoming>, seen: &Mutex<Vec<Seen>>) -> Response<Full<Bytes>> {
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let headers = req.headers().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if target != SETTLE_PATH {
+        seen.lock().unwrap().push(Seen {
+            method: method.clone(),
+            target: target.clone(),
+            headers,
+            body: body.clone(),
+        });
+    }
+    let payload = if target == "/big" {
+        Bytes::from((0..BIG_LEN).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+    } else {
+        Bytes::from(format!(
+            "upstream saw {method} {target} with {} body bytes",
+            body.len()
+        ))
+    };
+    Response::builder()
+        .header("x-upstream", "yes")
+        .header("connection", "x-hop")
+        .header("x-hop", "must not reach the client")
+        .header("proxy-authenticate", "Basic realm=upstream")
+        .body(Full::new(payload))
+        .unwrap()
+}
+
+/// An echo server standing in for a CONNECT target; counts accepts and closed connections.
+struct Echo {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    closed_notify: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Echo {
+    async fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let closed_notify = Arc::new(Notify::new());
+        let (a, c, n) = (
+            Arc::clone(&accepts),
+            Arc::clone(&closed),
+            Arc::clone(&closed_notify),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let (c, n) = (Arc::clone(&c), Arc::clone(&n));
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    c.fetch_add(1, Ordering::SeqCst);
+                    n.notify_waiters();
+                });
+            }
+        });
+        Echo {
+            addr,
+            accepts,
+            closed,
+            closed_notify,
+            task,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Connections accepted before this call, not counting its own.
+    async fn settle(&self) -> usize {
+        let mut c = Client::direct(self.addr).await;
+        c.send("ping").await;
+        assert_eq!(c.read_exactly(4).await, b"ping");
+        self.accepts.load(Ordering::SeqCst) - 1
+    }
+
+    async fn wait_closed(&self, n: usize) {
+        guard("echo connections closing", async {
+            loop {
+                let notified = self.closed_notify.notified();
+                if self.closed.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running proxy under test.
+struct Proxy {
+    addr: SocketAddr,
+    recorder: Arc<Recorder>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(policy: EgressPolicy) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            Arc::new(policy),
+            Arc::clone(&recorder) as Arc<dyn EgressObserver>,
+            shutdown.clone(),
+        ));
+        Proxy {
+            addr,
+            recorder,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::direct(self.addr).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `site.test` (allowed) and `evil.test` (not allowed) both map to 127.0.0.1.
+fn policy(allow: &[&str], private: &[&str]) -> EgressPolicy {
+    EgressPolicy {
+        allow: allow
+            .iter()
+            .map(|p| HostPattern::parse(p).unwrap())
+            .collect(),
+        private_networks: private.iter().map(|n| n.parse().unwrap()).collect(),
+        hosts: [("site.test", "127.0.0.1"), ("evil.test", "127.0.0.1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+            .collect(),
+    }
+}
+
+fn open_policy() -> EgressPolicy {
+    policy(&["site.test"], &["127.0.0.0/8"])
+}
+
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Speaks raw HTTP/1.1 over one TCP connection, keeping bytes read past a response.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn direct(addr: SocketAddr) -> Client {
+        let stream = guard("connect", TcpStream::connect(addr)).await.unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &str) {
+        self.send_bytes(raw.as_bytes()).await;
+    }
+
+    async fn send_bytes(&mut self, raw: &[u8]) {
+        guard("write", self.stream.write_all(raw)).await.unwrap();
+    }
+
+    async fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 8192];
+        let n = guard("read", self.stream.read(&mut chunk)).await.unwrap();
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    /// Reads one response head and its Content-Length body (none if absent).
+    async fn response(&mut self) -> RawResponse {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head_len) = parsed.parse(&self.buf).unwrap() {
+                let status = parsed.code.unwrap();
+                let headers: Vec<(String, String)> = parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                self.buf.drain(..head_len);
+                let mut response = RawResponse {
+                    status,
+                    headers,
+                    body: Vec::new(),
+                };
+                assert!(
+                    response.header("transfer-encoding").is_none(),
+                    "test client reads Content-Length bodies only"
+                );
+                let len: usize = response
+                    .header("content-length")
+                    .map_or(0, |v| v.parse().unwrap());
+                response.body = self.read_exactly(len).await;
+                return response;
+            }
+            assert!(self.buf.len() < 64 * 1024, "response head too long");
+            assert_ne!(
+                self.fill().await,
+                0,
+                "connection closed before a full response head"
+            );
+        }
+    }
+
+    async fn read_exactly(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert_ne!(
+                self.fill().await,
+                0,
+                "connection closed after {} of {n} bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// True once the peer has closed (EOF or reset) with nothing more to read.
+    async fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 64];
+        match guard("read until close", self.stream.read(&mut chunk)).await {
+            Ok(0) | Err(_) => true,
+            Ok(_) => false,
+        }
+    }
+}
+
+fn get(host_port: &str, path: &str) -> String {
+    format!("GET http://{host_port}{path} HTTP/1.1\r\nHost: {host_port}\r\n\r\n")
+}
+
+fn connect_req(host_port: &str) -> String {
+    format!("CONNECT {host_port} HTTP/1.1\r\nHost: {host_port}\r\n\r\n")
+}
+
+fn denied(kind: Kind, host: &str, port: u16, reason: DenyReason) -> Denied {
+    Denied {
+        kind,
+        host: host.to_owned(),
+        port,
+        reason,
+    }
+}
+
+#[tokio::test]
+async fn allowed_name_mapped_by_hosts_reaches_upstream_and_tunnels_both_ways() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+
+    let mut c = proxy.client().await;
+    c.send(&format!(
+        "GET http://SITE.test:{}/hello?x=1 HTTP/1.1\r\n\
+         Host: attacker.invalid\r\n\
+         Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         Connection: keep-alive, X-Drop-Me\r\n\
+         X-Drop-Me: 1\r\n\
+         X-Keep: 1\r\n\r\n",
+        upstream.port()
+    ))
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "upstream saw GET /hello?x=1 with 0 body bytes");
+    assert_eq!(r.header("x-upstream"), Some("yes"));
+    assert_eq!(
+        r.header("x-hop"),
+        None,
+        "a header the upstream named in Connection came back"
+    );
+    assert_eq!(r.header("proxy-authenticate"), None);
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(seen[0].target, "/hello?x=1", "forwarded in origin-form");
+    assert_eq!(
+        h.get("host").unwrap(),
+        format!("SITE.test:{}", upstream.port()).as_str()
+    );
+    assert!(
+        h.get("proxy-authorization").is_none(),
+        "Proxy-Authorization was forwarded"
+    );
+    assert!(h.get("proxy-connection").is_none());
+    assert!(h.get("x-drop-me").is_none());
+    assert_eq!(h.get("x-keep").unwrap(), "1");
+    assert_eq!(upstream.settle().await, 1);
+
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("site.test:{}", echo.port())))
+        .await;
+    let r = t.response().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    t.send("hello through the tunnel").await;
+    assert_eq!(t.read_exactly(24).await, b"hello through the tunnel");
+    t.send_bytes(&[0u8, 1, 2, 255]).await;
+    assert_eq!(t.read_exactly(4).await, [0u8, 1, 2, 255]);
+    assert_eq!(echo.settle().await, 1);
+
+    assert_eq!(
+        proxy.recorder.requests(),
+        vec![
+            RequestInfo {
+                kind: Kind::Http,
+                host: "site.test".into(),
+                port: upstream.port()
+            },
+            RequestInfo {
+                kind: Kind::Connect,
+                host: "site.test".into(),
+                port: echo.port()
+            },
+        ]
+    );
+    assert_eq!(proxy.recorder.denied(), vec![]);
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let up = format!("site.test:{}", upstream.port());
+    let mut c = proxy.client().await;
+
+    let body = "x".repeat(100_000);
+    c.send(&format!(
+        "POST http://{up}/upload HTTP/1.1\r\nHost: {up}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.text(), "upstream saw POST /upload with 100000 body bytes");
+
+    c.send(&format!(
+        "POST http://{up}/chunked HTTP/1.1\r\nHost: {up}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    ))
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.text(), "upstream saw POST /chunked with 11 body bytes");
+
+    c.send(&get(&up, "/big")).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), BIG_LEN);
+    assert!(r
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == (i % 251) as u8));
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].body.len(), 100_000);
+    assert_eq!(&seen[1].body[..], b"hello world");
+    assert!(
+        seen[1].headers.get("transfer-encoding").is_some(),
+        "re-framed as chunked"
+    );
+    assert_eq!(seen[2].method, "GET");
+    assert_eq!(
+        upstream.settle().await,
+        3,
+        "one upstream connection per request"
+    );
+}
+
+#[tokio::test]
+async fn host_not_in_allow_is_refused_and_upstream_gets_nothing() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    // evil.test maps to the upstream and 127/8 is open: only the allow list stands in the way.
+    let proxy = Proxy::start(open_policy()).await;
+    let evil = format!("evil.test:{}", upstream.port());
+
+    let mut c = proxy.client().await;
+    c.send(&get(&evil, "/steal")).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.text(),
+        format!(
+            "chaperone: egress to {evil} refused: the host is not in the mandate's egress.allow list"
+        )
+    );
+
+    // The Host header is not what is checked.
+    let mut c = proxy.client().await;
+    c.send(&format!(
+        "GET http://{evil}/steal HTTP/1.1\r\nHost: site.test:{}\r\n\r\n",
+        upstream.port()
+    ))
+    .await;
+    assert_eq!(c.response().await.status, 403);
+
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("evil.test:{}", echo.port())))
+        .await;
+    let r = t.response().await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        t.closed().await,
+        "a refused CONNECT must not leave the connection open"
+    );
+
+    assert_eq!(upstream.settle().await, 0, "upstream was contacted");
+    assert_eq!(echo.settle().await, 0, "CONNECT target was contacted");
+    assert!(upstream.seen().is_empty());
+    let p = upstream.port();
+    assert_eq!(
+        proxy.recorder.denied(),
+        vec![
+            denied(Kind::Http, "evil.test", p, DenyReason::NotAllowed),
+            denied(Kind::Http, "evil.test", p, DenyReason::NotAllowed),
+            denied(
+                Kind::Connect,
+                "evil.test",
+                echo.port(),
+                DenyReason::NotAllowed
+            ),
+        ]
+    );
+    assert_eq!(
+        proxy.recorder.requests().len(),
+        3,
+        "every request is reported first"
+    );
+}
+
+#[tokio::test]
+async fn allowed_host_on_a_private_address_needs_private_networks() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(policy(&["site.test"], &[])).await;
+
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("site.test:{}", upstream.port()), "/"))
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.text().contains("non-public address 127.0.0.1"),
+        "{}",
+        r.text()
+    );
+
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("site.test:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 403);
+
+    assert_eq!(upstream.settle().await, 0, "upstream was contacted");
+    assert_eq!(echo.settle().await, 0, "CONNECT target was contacted");
+    let private = DenyReason::PrivateAddress("127.0.0.1".parse().unwrap());
+    assert_eq!(
+        proxy.recorder.denied(),
+        vec![
+            denied(Kind::Http, "site.test", upstream.port(), private.clone()),
+            denied(Kind::Connect, "site.test", echo.port(), private),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn ip_literals_are_checked_as_written_not_as_the_name_they_equal() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    // site.test is allowed and 127/8 is open, so 127.0.0.1 would be reachable under its name.
+    let proxy = Proxy::start(open_policy()).await;
+    let p = upstream.port();
+
+    for (target, status, reason) in [
+        (format!("127.0.0.1:{p}"), 403, DenyReason::NotAllowed),
+        (
+            format!("[::ffff:127.0.0.1]:{p}"),
+            403,
+            DenyReason::NotAllowed,
+        ),
+        (format!("[::1]:{p}"), 403, DenyReason::NotAllowed),
+    ] {
+        let mut c = proxy.client().await;
+        c.send(&get(&target, "/")).await;
+        let r = c.response().await;
+        assert_eq!(r.status, status, "{target}: {}", r.text());
+        assert_eq!(
+            proxy.recorder.denied().last().unwrap().reason,
+            reason,
+            "{target}"
+        );
+    }
+    // A numeric host a resolver would read as 127.0.0.1 is refused as malformed.
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("2130706433:{p}"), "/")).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(matches!(
+        proxy.recorder.denied().last().unwrap().reason,
+        DenyReason::BadRequest(_)
+    ));
+
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("127.0.0.1:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 403);
+
+    assert_eq!(upstream.settle().await, 0, "upstream was contacted");
+    assert_eq!(echo.settle().await, 0, "CONNECT target was contacted");
+    let shown: Vec<String> = proxy
+        .recorder
+        .denied()
+        .into_iter()
+        .map(|d| d.host)
+        .collect();
+    assert_eq!(
+        shown,
+        ["127.0.0.1", "127.0.0.1", "[::1]", "2130706433", "127.0.0.1"]
+    );
+}
+
+#[tokio::test]
+async fn every_request_on_a_kept_alive_connection_is_checked() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let p = upstream.port();
+
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("site.test:{p}"), "/first")).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("connection"),
+        None,
+        "the connection should stay open"
+    );
+    c.send(&get(&format!("evil.test:{p}"), "/second")).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // The refusal does not end the connection either: the next allowed request still works.
+    c.send(&get(&format!("site.test:{p}"), "/third")).await;
+    assert_eq!(c.response().await.status, 200);
+
+    let targets: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/first", "/third"]);
+    assert_eq!(
+        upstream.settle().await,
+        2,
+        "one upstream connection per allowed request"
+    );
+    assert_eq!(proxy.recorder.requests().len(), 3);
+    assert_eq!(
+        proxy.recorder.denied(),
+        vec![denied(Kind::Http, "evil.test", p, DenyReason::NotAllowed)]
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_open_tunnels_and_serve_returns() {
+    let echo = Echo::start().await;
+    let mut proxy = Proxy::start(open_policy()).await;
+
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("site.test:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 200);
+    t.send("alive").await;
+    assert_eq!(t.read_exactly(5).await, b"alive");
+    assert_eq!(
+        echo.closed.load(Ordering::SeqCst),
+        0,
+        "tunnel closed before shutdown"
+    );
+
+    proxy.shutdown.cancel();
+    let task = proxy.task.take().unwrap();
+    guard("serve returning after shutdown", task).await.unwrap();
+    assert!(
+        t.closed().await,
+        "the client side of the tunnel stayed open"
+    );
+    echo.wait_closed(1).await;
+}
+
+#[tokio::test]
+async fn shutdown_drops_idle_kept_alive_connections() {
+    let upstream = Upstream::start().await;
+    let mut proxy = Proxy::start(open_policy()).await;
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("site.test:{}", upstream.port()), "/"))
+        .await;
+    assert_eq!(c.response().await.status, 200);
+
+    proxy.shutdown.cancel();
+    guard("serve returning", proxy.task.take().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        c.closed().await,
+        "a kept-alive proxy connection outlived shutdown"
+    );
+}
+
+#[tokio::test]
+async fn requests_that_are_not_proxy_requests_get_400() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let p = upstream.port();
+
+    for (raw, expect_host) in [
+        // Origin-form, with a Host header pointing at a reachable server.
+        (format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n\r\n"), ""),
+        (format!("GET / HTTP/1.1\r\nHost: site.test:{p}\r\n\r\n"), ""),
+        ("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), ""),
+        (
+            format!("GET https://site.test:{p}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "site.test",
+        ),
+        (
+            format!("GET ftp://site.test:{p}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "site.test",
+        ),
+        (
+            format!("GET http://user:pw@site.test:{p}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "site.test",
+        ),
+        (
+            "CONNECT site.test HTTP/1.1\r\nHost: site.test\r\n\r\n".to_owned(),
+            "site.test",
+        ),
+        (
+            "GET http://site.test:99999/ HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+            "site.test",
+        ),
+    ] {
+        let before = proxy.recorder.denied().len();
+        let mut c = proxy.client().await;
+        c.send(&raw).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 400, "{raw:?}: {}", r.text());
+        assert!(
+            r.text().starts_with("chaperone: egress"),
+            "{raw:?}: {}",
+            r.text()
+        );
+        let d = proxy.recorder.denied();
+        assert_eq!(d.len(), before + 1, "{raw:?}");
+        assert!(
+            matches!(d[before].reason, DenyReason::BadRequest(_)),
+            "{raw:?}: {:?}",
+            d[before]
+        );
+        assert_eq!(d[before].host, expect_host, "{raw:?}");
+    }
+    assert_eq!(upstream.settle().await, 0, "upstream was contacted");
+    assert_eq!(
+        proxy.recorder.requests().len(),
+        proxy.recorder.denied().len(),
+        "every refused request was reported as a request first"
+    );
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_is_reported() {
+    let proxy = Proxy::start(open_policy()).await;
+    let mut c = proxy.client().await;
+    c.send("this is not http\r\n\r\n").await;
+    let r = c.response().await;
+    assert_eq!(r.status, 400);
+    assert!(c.closed().await);
+    // hyper answers before the connection task reports; wait for the report.
+    guard("denied report", async {
+        while proxy.recorder.denied().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let d = proxy.recorder.denied();
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        (d[0].kind, d[0].host.as_str(), d[0].port),
+        (Kind::Http, "", 0)
+    );
+    assert!(
+        matches!(&d[0].reason, DenyReason::BadRequest(m) if m.contains("not a valid HTTP/1.1 request"))
+    );
+    assert_eq!(proxy.recorder.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn connect_failure_is_reported_as_502() {
+    // A port that was just free: nothing listens there.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = Proxy::start(open_policy()).await;
+    let mut c = proxy.client().await;
+    c.send(&connect_req(&format!("site.test:{port}"))).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let d = proxy.recorder.denied();
+    assert_eq!(d.len(), 1);
+    assert!(
+        matches!(&d[0].reason, DenyReason::ConnectFailed(_)),
+        "{:?}",
+        d[0]
+    );
+}

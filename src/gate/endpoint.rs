@@ -1,0 +1,405 @@
+//! The agent-facing endpoint (`--listen`): Chromium's DevTools HTTP surface and the CDP
+//! websocket, one per session, addressed by the session's capability.
+//!
+//! `http_url` is `http://HOST/session/<capability>`: its `/json/version` (with or without the
+//! trailing slash), `/json`, `/json/list` and `/json/protocol` behave as Chromium's own. The
+//! websocket is `ws://HOST/devtools/browser/<capability>`. Like Chromium, the endpoint refuses a
+//! `Host` that is neither an IP address nor `localhost` (nor the configured `public_host`), and
+//! refuses websocket upgrades that carry an `Origin` (a web page must not drive a browser).
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+
+use crate::browser::ToAgent;
+use crate::session::{Registry, Session, State as SessionState};
+
+/// Shared state of the endpoint.
+#[derive(Clone)]
+pub struct Endpoint {
+    reg: Arc<Registry>,
+    public_host: Option<String>,
+    max_message: usize,
+}
+
+/// The endpoint's routes.
+pub fn router(reg: Arc<Registry>) -> Router {
+    let cfg = reg.config();
+    let ep = Endpoint {
+        public_host: cfg.public_host.clone(),
+        max_message: usize::try_from(cfg.limits.max_agent_message.as_u64()).unwrap_or(usize::MAX),
+        reg,
+    };
+    Router::new()
+        .route("/session/{cap}/json/version", get(version))
+        .route("/session/{cap}/json/version/", get(version))
+        .route("/session/{cap}/json", get(list))
+        .route("/session/{cap}/json/", get(list))
+        .route("/session/{cap}/json/list", get(list))
+        .route("/session/{cap}/json/list/", get(list))
+        .route("/session/{cap}/json/protocol", get(protocol))
+        .route("/session/{cap}/json/protocol/", get(protocol))
+        .route("/session/{cap}/json/new", any(new_target))
+        .route("/devtools/browser/{cap}", get(websocket))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(ep.clone(), check_host))
+        .with_state(ep)
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.into(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        "chaperone: unknown URL; use the cdp_url or http_url the control API gave for your session\n",
+    )
+}
+
+/// Chromium answers 500 to a Host that is neither an IP nor localhost: it stops DNS
+/// rebinding from turning a web page into a DevTools client.
+async fn check_host(State(ep): State<Endpoint>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_allowed(host, ep.public_host.as_deref()) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Host header is specified and is not an IP address or localhost.",
+        );
+    }
+    next.run(req).await
+}
+
+/// Whether `host` (a Host header value, port included) may address this endpoint.
+pub fn host_allowed(host: &str, public_host: Option<&str>) -> bool {
+    if host.is_empty() {
+        return true;
+    }
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, _)) => return v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || public_host.is_some_and(|p| name.eq_ignore_ascii_case(p))
+}
+
+fn live(ep: &Endpoint, cap: &str) -> Result<Arc<Session>, Response> {
+    let s = ep.reg.by_capability(cap).ok_or_else(|| {
+        text(
+            StatusCode::NOT_FOUND,
+            "chaperone: no live session for this URL (wrong capability, or the session ended)\n",
+        )
+    })?;
+    if s.state() != SessionState::Active {
+        return Err(text(
+            StatusCode::GONE,
+            format!("chaperone: session is {}\n", s.state().name()),
+        ));
+    }
+    Ok(s)
+}
+
+fn ws_base(req_host: Option<&str>, ep: &Endpoint) -> String {
+    let scheme = if ep.reg.urls().tls { "wss" } else { "ws" };
+    let authority = req_host.unwrap_or(&ep.reg.urls().authority);
+    format!("{scheme}://{authority}")
+}
+
+fn req_host(h: &axum::http::HeaderMap) -> Option<&str> {
+    h.get(header::HOST).and_then(|v| v.to_str().ok())
+}
+
+async fn version(
+    State(ep): State<Endpoint>,
+    Path(cap): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let s = match live(&ep, &cap) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(b) = s.browser() else {
+        return text(StatusCode::GONE, "chaperone: session has no browser\n");
+    };
+    let v = &b.version;
+    let base = ws_base(req_host(&headers), &ep);
+    Json(json!({
+        "Browser": v.get("product"),
+        "Protocol-Version": v.get("protocolVersion"),
+        "User-Agent": v.get("userAgent"),
+        "V8-Version": v.get("jsVersion"),
+        "WebKit-Version": format!("537.36 (@{})", v.get("revision").and_then(Value::as_str).unwrap_or("")),
+        "webSocketDebuggerUrl": format!("{base}/devtools/browser/{cap}"),
+    }))
+    .into_response()
+}
+
+async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
+    let s = match live(&ep, &cap) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(b) = s.browser() else {
+        return text(StatusCode::GONE, "chaperone: session has no browser\n");
+    };
+    let targets = match b.conn.call("Target.getTargets", json!({}), None).await {
+        Ok(v) => v,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("chaperone: {e}\n"),
+            )
+        }
+    };
+    let list: Vec<Value> = targets
+        .get("targetInfos")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("type").and_then(Value::as_str) != Some("browser"))
+        .map(|t| {
+            json!({
+                "description": "",
+                "devtoolsFrontendUrl": "",
+                "id": t.get("targetId"),
+                "title": t.get("title"),
+                "type": t.get("type"),
+                "url": t.get("url"),
+            })
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+async fn protocol(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
+    if let Err(r) = live(&ep, &cap) {
+        return r;
+    }
+    text(
+        StatusCode::NOT_IMPLEMENTED,
+        "chaperone: /json/protocol is not served yet; the protocol of this browser is Chromium's, see Browser.getVersion\n",
+    )
+}
+
+async fn new_target(
+    State(ep): State<Endpoint>,
+    Path(cap): Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let s = match live(&ep, &cap) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if method != axum::http::Method::PUT {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Using unsafe HTTP verb GET to invoke /json/new. This action supports only PUT verb.",
+        );
+    }
+    let Some(b) = s.browser() else {
+        return text(StatusCode::GONE, "chaperone: session has no browser\n");
+    };
+    let url = uri.query().unwrap_or("about:blank").to_string();
+    match b
+        .conn
+        .call("Target.createTarget", json!({ "url": url }), None)
+        .await
+    {
+        Ok(v) => Json(json!({
+            "description": "",
+            "id": v.get("targetId"),
+            "title": "",
+            "type": "page",
+            "url": url,
+        }))
+        .into_response(),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("chaperone: {e}\n"),
+        ),
+    }
+}
+
+async fn websocket(
+    State(ep): State<Endpoint>,
+    Path(cap): Path<String>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("?");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Rejected an incoming WebSocket connection from the {origin} origin. \
+                 chaperone accepts agent connections only from programs (no Origin header)."
+            ),
+        );
+    }
+    let s = match live(&ep, &cap) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // tungstenite may buffer a little more than our own limit so that an oversized message
+    // is answered with a close frame that says why, instead of a dropped connection.
+    let hard = ep.max_message.saturating_mul(2);
+    let max = ep.max_message;
+    let reg = ep.reg.clone();
+    upgrade
+        .max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(move |socket| agent_connection(socket, reg, s, max))
+}
+
+async fn agent_connection(
+    socket: WebSocket,
+    reg: Arc<Registry>,
+    session: Arc<Session>,
+    max_message: usize,
+) {
+    let Some(browser) = session.browser() else {
+        return;
+    };
+    let metrics = reg.metrics().clone();
+    metrics.agent_connections.inc();
+    let (mut tx, mut rx) = socket.split();
+    let observer = Arc::new(crate::gate::AuditGate::new(reg.clone(), session.id.clone()));
+    let link = match browser
+        .conn
+        .attach_agent(&session.mandate.source.agent, observer)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = tx
+                .send(close(
+                    1011,
+                    &format!("chaperone: cannot attach to the browser: {e}"),
+                ))
+                .await;
+            metrics.agent_connections.dec();
+            return;
+        }
+    };
+    let mut detach = true;
+    loop {
+        tokio::select! {
+            biased;
+            out = link.next_for_agent() => match out {
+                Some(ToAgent::Text(t)) => {
+                    if tx.send(Message::Text(t.into())).await.is_err() { break; }
+                }
+                Some(ToAgent::Close { code, reason }) => {
+                    let _ = tx.send(close(code, &reason)).await;
+                    break;
+                }
+                None => {
+                    let _ = tx.send(close(1011, "chaperone: browser connection lost")).await;
+                    detach = false;
+                    break;
+                }
+            },
+            _ = session.ending.cancelled() => {
+                let reason = session.state().end_reason().map_or("chaperone: session ended", |r| r.close_reason());
+                let _ = tx.send(close(1001, reason)).await;
+                detach = false;
+                break;
+            }
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if t.len() > max_message {
+                        let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
+                        break;
+                    }
+                    link.from_agent(t.as_str());
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if b.len() > max_message {
+                        let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", b.len()))).await;
+                        break;
+                    }
+                    // Chromium treats binary frames as text; so do we, invalid UTF-8 included
+                    // (the router answers it as a parse error).
+                    link.from_agent(&String::from_utf8_lossy(&b));
+                }
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let _ = tx.send(close(1002, &format!("chaperone: websocket error: {e}"))).await;
+                    break;
+                }
+            },
+        }
+    }
+    if detach {
+        if let Err(e) = link.detach().await {
+            tracing::debug!(error = %e, "agent detach");
+        }
+    }
+    metrics.agent_connections.dec();
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    // A close reason may carry at most 123 bytes.
+    let mut r = reason.to_string();
+    while r.len() > 123 {
+        r.pop();
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: r.into(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn host_rules_match_chromium() {
+        for ok in [
+            "127.0.0.1:9222",
+            "localhost:9222",
+            "LOCALHOST",
+            "[::1]:9222",
+            "10.0.0.5",
+            "",
+        ] {
+            assert!(host_allowed(ok, None), "{ok}");
+        }
+        for bad in [
+            "evil.example:9222",
+            "127.0.0.1.nip.io:80",
+            "[::1",
+            "localhost.evil",
+        ] {
+            assert!(!host_allowed(bad, None), "{bad}");
+        }
+        assert!(host_allowed(
+            "agents.internal:9222",
+            Some("agents.internal")
+        ));
+    }
+}

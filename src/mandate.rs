@@ -1,0 +1,460 @@
+//! The mandate: what one agent session may do, for how long.
+//!
+//! One serde type serves the control API (JSON) and the files under `profiles/` (TOML). Unknown
+//! fields are rejected everywhere, and every validation error names the field at fault, so an
+//! operator never has to guess which line of a mandate was refused.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::egress::{EgressPolicy, Host, HostPattern};
+
+/// The longest a mandate may run when the supervisor's config does not say otherwise.
+pub const DEFAULT_MAX_TTL_SECS: u64 = 8 * 60 * 60;
+
+/// A mandate as written by an operator. Parse it with [`Mandate::from_json`] or
+/// [`Mandate::from_toml`], then turn it into a [`ValidMandate`] with [`Mandate::validate`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mandate {
+    /// Label of the agent this mandate is for; appears in the audit log and in logs.
+    pub agent: String,
+    /// Lifetime in seconds, counted by the supervisor's clock from the moment the session is
+    /// created. Exactly one of `ttl_secs` and `not_after` must be given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<i64>,
+    /// Absolute deadline (RFC 3339). Exactly one of `ttl_secs` and `not_after` must be given.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_after: Option<OffsetDateTime>,
+    /// Where the browser may connect. The default allows nothing.
+    #[serde(default)]
+    pub egress: Egress,
+    /// Credentials the session may use (never hold). See the README: this build refuses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<Credential>,
+}
+
+/// The browser's network policy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Egress {
+    /// Host patterns the browser may reach: `example.com` (that host), `*.example.com` (its
+    /// subdomains, not the apex), `*` (any public host). Default: none.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// CIDRs the browser may reach although they are private, loopback, link-local or
+    /// unique-local. Default: none, so the browser can never reach the host's own network.
+    #[serde(default)]
+    pub private_networks: Vec<String>,
+    /// Names resolved by the supervisor to a fixed address, like curl `--resolve`.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+}
+
+/// One credential: material for one site, held by the supervisor.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// Name the audit log uses for this credential.
+    pub id: String,
+    /// The site (registrable domain) the credential belongs to.
+    pub site: String,
+    /// Cookies to add to requests for `site`.
+    #[serde(default)]
+    pub cookies: Vec<CredentialCookie>,
+    /// Headers to add to requests for `site` (e.g. `Authorization`).
+    #[serde(default, serialize_with = "redact_map")]
+    pub headers: BTreeMap<String, SecretString>,
+}
+
+/// A cookie held for a credential.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialCookie {
+    /// Cookie name.
+    pub name: String,
+    /// Cookie value; never printed, logged or serialized back.
+    #[serde(serialize_with = "redact")]
+    pub value: SecretString,
+    /// Cookie path; default `/`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Send only over https; default true.
+    #[serde(default)]
+    pub secure: Option<bool>,
+    /// Hidden from page script; default true.
+    #[serde(default)]
+    pub http_only: Option<bool>,
+}
+
+fn redact<S: serde::Serializer>(_: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("[held by chaperone]")
+}
+
+fn redact_map<S: serde::Serializer>(
+    m: &BTreeMap<String, SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut out = s.serialize_map(Some(m.len()))?;
+    for k in m.keys() {
+        out.serialize_entry(k, "[held by chaperone]")?;
+    }
+    out.end()
+}
+
+/// A mandate that was refused, with the field at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct MandateError {
+    /// Dotted path of the field, e.g. `egress.allow[2]`.
+    pub field: String,
+    /// What is wrong and what to do about it.
+    pub message: String,
+}
+
+impl MandateError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        MandateError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A mandate that passed validation: deadlines resolved, patterns and addresses parsed.
+#[derive(Clone, Debug)]
+pub struct ValidMandate {
+    /// The mandate as given (secrets redacted when serialized).
+    pub source: Mandate,
+    /// When the session must end, by the supervisor's clock.
+    pub expires_at: OffsetDateTime,
+    /// The browser's network policy.
+    pub egress: EgressPolicy,
+}
+
+impl Mandate {
+    /// Parses a JSON mandate; the error names the field at fault.
+    pub fn from_json(text: &str) -> Result<Mandate, MandateError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." || path.is_empty() {
+                "mandate".to_string()
+            } else {
+                path
+            };
+            MandateError::new(field, e.into_inner().to_string())
+        })
+    }
+
+    /// Parses a TOML mandate (a profile file); the error names the field and line at fault.
+    pub fn from_toml(text: &str) -> Result<Mandate, MandateError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            let field = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                }
+                None => "mandate".to_string(),
+            };
+            MandateError::new(field, message)
+        })
+    }
+
+    /// Checks every field and resolves the deadline against `now`.
+    pub fn validate(
+        self,
+        now: OffsetDateTime,
+        max_ttl_secs: u64,
+    ) -> Result<ValidMandate, MandateError> {
+        let agent = self.agent.trim();
+        if agent.is_empty() {
+            return Err(MandateError::new(
+                "agent",
+                "must name the agent (non-empty)",
+            ));
+        }
+        if self.agent.len() > 128 || self.agent.chars().any(char::is_control) {
+            return Err(MandateError::new(
+                "agent",
+                "must be at most 128 characters without control characters",
+            ));
+        }
+        let max = time::Duration::seconds(i64::try_from(max_ttl_secs).unwrap_or(i64::MAX));
+        let expires_at = match (self.ttl_secs, self.not_after) {
+            (Some(_), Some(_)) => {
+                return Err(MandateError::new(
+                    "ttl_secs",
+                    "give either ttl_secs or not_after, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(MandateError::new(
+                    "ttl_secs",
+                    "a mandate needs a lifetime: give ttl_secs or not_after",
+                ))
+            }
+            (Some(ttl), None) => {
+                if ttl <= 0 {
+                    return Err(MandateError::new(
+                        "ttl_secs",
+                        format!("must be a positive number of seconds, got {ttl}"),
+                    ));
+                }
+                if ttl as u64 > max_ttl_secs {
+                    return Err(MandateError::new(
+                        "ttl_secs",
+                        format!("{ttl} exceeds this supervisor's limit of {max_ttl_secs} seconds"),
+                    ));
+                }
+                now + time::Duration::seconds(ttl)
+            }
+            (None, Some(at)) => {
+                if at <= now {
+                    return Err(MandateError::new("not_after", "is already in the past"));
+                }
+                if at - now > max {
+                    return Err(MandateError::new(
+                        "not_after",
+                        format!("is further away than this supervisor's limit of {max_ttl_secs} seconds"),
+                    ));
+                }
+                at
+            }
+        };
+
+        let mut allow = Vec::with_capacity(self.egress.allow.len());
+        for (i, p) in self.egress.allow.iter().enumerate() {
+            let pat = HostPattern::parse(p)
+                .map_err(|e| MandateError::new(format!("egress.allow[{i}]"), e.to_string()))?;
+            allow.push(pat);
+        }
+        let mut private_networks = Vec::with_capacity(self.egress.private_networks.len());
+        for (i, n) in self.egress.private_networks.iter().enumerate() {
+            let net = parse_net(n).ok_or_else(|| {
+                MandateError::new(
+                    format!("egress.private_networks[{i}]"),
+                    format!("`{n}` is not a CIDR such as 127.0.0.0/8 or ::1/128"),
+                )
+            })?;
+            private_networks.push(net);
+        }
+        let mut hosts = BTreeMap::new();
+        for (name, addr) in &self.egress.hosts {
+            let field = format!("egress.hosts.{name}");
+            let key = match Host::parse(name) {
+                Ok(Host::Name(n)) => Some(n),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                MandateError::new(&field, "the key must be a plain host name like site.test")
+            })?;
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| MandateError::new(&field, format!("`{addr}` is not an IP address")))?;
+            hosts.insert(key, ip);
+        }
+
+        for (i, c) in self.credentials.iter().enumerate() {
+            validate_credential(i, c)?;
+        }
+        if !self.credentials.is_empty() {
+            // Fail closed: accepting credentials this build cannot keep out of the browser
+            // would hand them to nobody's protection.
+            return Err(MandateError::new(
+                "credentials",
+                "this build of chaperone cannot inject credentials yet (the credential broker is \
+                 not built); remove them, or upgrade",
+            ));
+        }
+
+        Ok(ValidMandate {
+            egress: EgressPolicy {
+                allow,
+                private_networks,
+                hosts,
+            },
+            expires_at,
+            source: self,
+        })
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
+fn validate_credential(i: usize, c: &Credential) -> Result<(), MandateError> {
+    let at = |f: &str| format!("credentials[{i}].{f}");
+    if c.id.trim().is_empty() {
+        return Err(MandateError::new(at("id"), "must be a non-empty name"));
+    }
+    if !matches!(Host::parse(&c.site), Ok(Host::Name(_))) {
+        return Err(MandateError::new(
+            at("site"),
+            "must be a host name such as example.com",
+        ));
+    }
+    for (j, k) in c.cookies.iter().enumerate() {
+        if k.name.is_empty()
+            || k.name
+                .chars()
+                .any(|ch| ch.is_control() || ";=, ".contains(ch))
+        {
+            return Err(MandateError::new(
+                format!("credentials[{i}].cookies[{j}].name"),
+                "must be a cookie name without `;`, `=`, `,`, spaces or control characters",
+            ));
+        }
+        if k.value
+            .expose_secret()
+            .chars()
+            .any(|ch| ch.is_control() || ch == ';')
+        {
+            return Err(MandateError::new(
+                format!("credentials[{i}].cookies[{j}].value"),
+                "must not contain `;` or control characters",
+            ));
+        }
+    }
+    for name in c.headers.keys() {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            return Err(MandateError::new(
+                format!("credentials[{i}].headers"),
+                format!("`{name}` is not a header name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+
+    fn check(json: &str) -> Result<ValidMandate, MandateError> {
+        Mandate::from_json(json)?.validate(now(), DEFAULT_MAX_TTL_SECS)
+    }
+
+    #[test]
+    fn minimal_mandate_expires_after_ttl() {
+        let m = check(r#"{"agent":"a","ttl_secs":60}"#).unwrap();
+        assert_eq!(m.expires_at, now() + time::Duration::seconds(60));
+        assert!(m.egress.allow.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = check(r#"{"agent":"a","ttl_secs":60,"egress":{"alow":[]}}"#).unwrap_err();
+        assert_eq!(e.field, "egress");
+        assert!(e.message.contains("alow"), "{e}");
+        let e = check(r#"{"agent":"a","ttl_secs":60,"extra":1}"#).unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn lifetime_rules() {
+        for (json, field) in [
+            (r#"{"agent":"a","ttl_secs":0}"#, "ttl_secs"),
+            (r#"{"agent":"a","ttl_secs":-5}"#, "ttl_secs"),
+            (r#"{"agent":"a"}"#, "ttl_secs"),
+            (r#"{"agent":"a","ttl_secs":999999}"#, "ttl_secs"),
+            (
+                r#"{"agent":"a","ttl_secs":5,"not_after":"2027-01-15T08:00:00Z"}"#,
+                "ttl_secs",
+            ),
+            (
+                r#"{"agent":"a","not_after":"2020-01-01T00:00:00Z"}"#,
+                "not_after",
+            ),
+            (r#"{"agent":"a","ttl_secs":"10"}"#, "ttl_secs"),
+            (r#"{"agent":"","ttl_secs":10}"#, "agent"),
+        ] {
+            let e = check(json).unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+        let m = check(r#"{"agent":"a","not_after":"2027-01-15T08:30:00Z"}"#).unwrap();
+        assert_eq!(m.expires_at, now() + time::Duration::seconds(1_800));
+    }
+
+    #[test]
+    fn egress_fields_are_checked_and_named() {
+        let e =
+            check(r#"{"agent":"a","ttl_secs":5,"egress":{"allow":["ok.test","*."]}}"#).unwrap_err();
+        assert_eq!(e.field, "egress.allow[1]");
+        let e =
+            check(r#"{"agent":"a","ttl_secs":5,"egress":{"private_networks":["10.0.0.0/33"]}}"#)
+                .unwrap_err();
+        assert_eq!(e.field, "egress.private_networks[0]");
+        let e = check(r#"{"agent":"a","ttl_secs":5,"egress":{"hosts":{"site.test":"nope"}}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "egress.hosts.site.test");
+        let m = check(
+            r#"{"agent":"a","ttl_secs":5,"egress":{"allow":["*.test"],"private_networks":["127.0.0.1/8"],"hosts":{"Site.Test":"127.0.0.1"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.egress.private_networks[0].to_string(), "127.0.0.0/8");
+        assert_eq!(
+            m.egress.hosts.get("site.test"),
+            Some(&"127.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn credentials_are_refused_without_echoing_secrets() {
+        let json = r#"{"agent":"a","ttl_secs":5,"credentials":[{"id":"c","site":"bank.test",
+            "cookies":[{"name":"sid","value":"SECRET-COOKIE-123"}],"headers":{"Authorization":"Bearer SECRET-TOKEN-456"}}]}"#;
+        let e = check(json).unwrap_err();
+        assert_eq!(e.field, "credentials");
+        let parsed = Mandate::from_json(json).unwrap();
+        let shown = format!("{parsed:?} {} {e}", serde_json::to_string(&parsed).unwrap());
+        assert!(!shown.contains("SECRET-COOKIE-123"), "{shown}");
+        assert!(!shown.contains("SECRET-TOKEN-456"), "{shown}");
+    }
+
+    #[test]
+    fn toml_and_json_are_the_same_type() {
+        let m =
+            Mandate::from_toml("agent = \"ci\"\nttl_secs = 30\n[egress]\nallow = [\"*.test\"]\n")
+                .unwrap();
+        assert_eq!(m.agent, "ci");
+        let e = Mandate::from_toml("agent = \"ci\"\nttl_secs = 30\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        assert_eq!(e.field, "line 3");
+    }
+
+    #[test]
+    fn shipped_profiles_are_valid() {
+        for (name, text) in [
+            ("default", include_str!("../profiles/default.toml")),
+            ("ci", include_str!("../profiles/ci.toml")),
+            ("research", include_str!("../profiles/research.toml")),
+        ] {
+            Mandate::from_toml(text)
+                .and_then(|m| m.validate(now(), DEFAULT_MAX_TTL_SECS))
+                .unwrap_or_else(|e| panic!("profiles/{name}.toml: {e}"));
+        }
+    }
+}

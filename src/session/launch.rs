@@ -1,0 +1,327 @@
+//! One session's life: launch the sandboxed browser, serve its proxy, wait for the end, kill,
+//! purge and verify.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chaperone_sandbox as sandbox;
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use super::{BrowserInfo, EndReason, Registry, Session, State};
+use crate::browser::{chromium, BrowserConn};
+use crate::egress::{self, Denied, EgressObserver, RequestInfo};
+use crate::metrics::ReasonLabel;
+
+/// How long the kill and the purge checks may take before the purge is declared failed.
+const PURGE_DEADLINE: Duration = Duration::from_secs(10);
+
+pub(super) async fn run(
+    reg: Arc<Registry>,
+    session: Arc<Session>,
+    slot: u32,
+    mut end_rx: oneshot::Receiver<EndReason>,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let launched = tokio::select! {
+        r = launch(&reg, &session, slot) => r,
+        reason = &mut end_rx => Err((reason.unwrap_or(EndReason::Shutdown), "ended while launching".to_string(), None)),
+    };
+    let (browser, launched) = match launched {
+        Ok(ok) => ok,
+        Err((reason, error, launched)) => {
+            reg.metrics.launch_failures.inc();
+            tracing::warn!(session = %session.id, %error, "launch failed");
+            let _ = end(&reg, &session, reason, launched.as_ref(), Some(&error)).await;
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    *session.browser.lock().unwrap_or_else(|p| p.into_inner()) = Some(browser.clone());
+    let started = reg
+        .audit
+        .record(
+            "session.active",
+            Some(&session.id),
+            json!({
+                "agent": session.mandate.source.agent,
+                "browser": browser.version.get("product"),
+                "degraded": browser.degraded,
+                "launcher_pid": launched.launcher_pid,
+            }),
+        )
+        .await;
+    if let Err(e) = started {
+        let error = format!("audit log: {e}");
+        let _ = end(
+            &reg,
+            &session,
+            EndReason::Crashed,
+            Some(&launched),
+            Some(&error),
+        )
+        .await;
+        let _ = ready.send(Err(error));
+        return;
+    }
+    session.state.send_replace(State::Active);
+    let _ = ready.send(Ok(()));
+
+    let reason = tokio::select! {
+        r = &mut end_rx => r.unwrap_or(EndReason::Shutdown),
+        _ = deadline(session.mandate.expires_at) => EndReason::Expired,
+        // The pipe's far end lives only in the browser, and the browser dies with the
+        // sandbox's init and launcher: EOF here is how any death of the sandbox shows.
+        _ = browser.conn.closed() => EndReason::Crashed,
+        _ = reg.shutdown.cancelled() => EndReason::Shutdown,
+    };
+    let _ = end(&reg, &session, reason, Some(&launched), None).await;
+}
+
+type LaunchError = (EndReason, String, Option<sandbox::Handle>);
+
+async fn launch(
+    reg: &Arc<Registry>,
+    session: &Arc<Session>,
+    slot: u32,
+) -> Result<(BrowserInfo, sandbox::Handle), LaunchError> {
+    let cfg = &reg.cfg;
+    let root = nix::unistd::geteuid().is_root();
+    let host_ids = root.then(|| {
+        let id = cfg.sandbox.uid_base + slot;
+        (id, id)
+    });
+    let accept_degraded = cfg
+        .sandbox
+        .accept_degraded
+        .iter()
+        .filter_map(|l| l.parse::<sandbox::Layer>().ok())
+        .collect();
+    let policy = serde_json::to_vec_pretty(&chromium::managed_policy()).unwrap_or_default();
+    let spec = sandbox::Spec {
+        name: format!("chaperone-{}", session.id),
+        program: cfg.browser.path.clone(),
+        args: chromium::args(),
+        env: chromium::env(),
+        inner_uid: chromium::INNER_ID,
+        inner_gid: chromium::INNER_ID,
+        host_ids,
+        ro_binds: chromium::ro_binds(&cfg.browser.path),
+        symlinks: chromium::symlinks(),
+        files: vec![sandbox::FileSpec {
+            path: "/etc/chromium/policies/managed/chaperone.json".into(),
+            contents: policy,
+            mode: 0o644,
+        }],
+        profile_dir: chromium::PROFILE_DIR.into(),
+        extra_writable: vec![],
+        proxy_port: chromium::PROXY_PORT,
+        output: sandbox::Output::Inherit,
+        limits: sandbox::Limits {
+            memory_bytes: Some(cfg.sandbox.memory_limit.as_u64()),
+            pids: Some(cfg.sandbox.pids_limit),
+            nofile: 8192,
+        },
+        accept_degraded,
+    };
+    let crashed = |e: String| (EndReason::Crashed, e, None);
+    let launched = tokio::task::spawn_blocking(move || sandbox::launch(&spec))
+        .await
+        .map_err(|e| crashed(format!("launcher task: {e}")))?
+        .map_err(|e| crashed(format!("sandbox: {e}")))?;
+    let (handle, io) = launched.into_parts();
+    let with = |e: String, h: sandbox::Handle| (EndReason::Crashed, e, Some(h));
+
+    let conn = match BrowserConn::start(io.cdp_to_browser, io.cdp_from_browser) {
+        Ok(c) => c,
+        Err(e) => return Err(with(format!("CDP pipe: {e}"), handle)),
+    };
+    let version = tokio::time::timeout(
+        cfg.browser.launch_timeout,
+        conn.call("Browser.getVersion", json!({}), None),
+    )
+    .await;
+    let version = match version {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(with(format!("first CDP reply: {e}"), handle)),
+        Err(_) => {
+            let e = format!(
+                "Chromium did not answer over the pipe within {:?} (browser.launch_timeout)",
+                cfg.browser.launch_timeout
+            );
+            return Err(with(e, handle));
+        }
+    };
+
+    let listener = std::net::TcpListener::from(io.proxy_listener);
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|_| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => return Err(with(format!("proxy listener: {e}"), handle)),
+    };
+    let observer = Arc::new(SessionEgress {
+        reg: reg.clone(),
+        session: session.id.clone(),
+    });
+    tokio::spawn(egress::serve(
+        listener,
+        Arc::new(session.mandate.egress.clone()),
+        observer,
+        session.ending.clone(),
+    ));
+    let degraded = handle.degraded.iter().map(|l| l.to_string()).collect();
+    Ok((
+        BrowserInfo {
+            conn,
+            version,
+            degraded,
+        },
+        handle,
+    ))
+}
+
+/// Audits what the proxy refuses and counts what it sees.
+struct SessionEgress {
+    reg: Arc<Registry>,
+    session: String,
+}
+
+impl EgressObserver for SessionEgress {
+    fn request(&self, _r: &RequestInfo) {
+        self.reg.metrics.egress_requests.inc();
+    }
+
+    fn denied(&self, d: &Denied) {
+        self.reg.metrics.egress_denied.inc();
+        self.reg.audit.record_detached(
+            "egress.denied",
+            Some(&self.session),
+            json!({
+                "host": d.host,
+                "port": d.port,
+                "kind": format!("{:?}", d.kind),
+                "reason": d.reason.to_string(),
+            }),
+        );
+    }
+}
+
+/// Resolves at the mandate's deadline by the supervisor's clock. The wall clock is re-read
+/// every second, so a `not_after` deadline holds even if the machine's clock is stepped.
+async fn deadline(expires_at: OffsetDateTime) {
+    loop {
+        let left = expires_at - OffsetDateTime::now_utc();
+        if left <= time::Duration::ZERO {
+            return;
+        }
+        let step = Duration::try_from(left)
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(1));
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// Ends a session: audit the reason, close agents, kill, purge, verify, audit the purge.
+async fn end(
+    reg: &Arc<Registry>,
+    session: &Arc<Session>,
+    reason: EndReason,
+    handle: Option<&sandbox::Handle>,
+    error: Option<&str>,
+) -> Result<(), String> {
+    session.state.send_replace(State::Ending(reason));
+    let mut fields = json!({ "agent": session.mandate.source.agent });
+    if let Some(e) = error {
+        fields["error"] = e.into();
+    }
+    if let Err(e) = reg
+        .audit
+        .record(reason.event(), Some(&session.id), fields)
+        .await
+    {
+        // The kill goes ahead regardless: a session must not outlive its mandate because
+        // the log is full.
+        tracing::error!(session = %session.id, error = %e, "could not record the session's end");
+    }
+    session.ending.cancel();
+    reg.metrics
+        .sessions_ended
+        .get_or_create(&ReasonLabel {
+            reason: format!("{reason:?}").to_lowercase(),
+        })
+        .inc();
+
+    let verified = match handle {
+        Some(h) => purge(h).await,
+        None => Ok(json!({"processes_left": 0, "note": "no sandbox was started"})),
+    };
+    match verified {
+        Ok(facts) => {
+            if let Err(e) = reg
+                .audit
+                .record("session.purged", Some(&session.id), facts)
+                .await
+            {
+                tracing::error!(session = %session.id, error = %e, "could not record the purge");
+            }
+            session.state.send_replace(State::Purged(reason));
+            Ok(())
+        }
+        Err(problem) => {
+            tracing::error!(session = %session.id, %problem, "purge could not be verified");
+            let _ = reg
+                .audit
+                .record(
+                    "session.purge_failed",
+                    Some(&session.id),
+                    json!({ "problem": problem }),
+                )
+                .await;
+            Err(problem)
+        }
+    }
+}
+
+/// Kills the session's process tree and checks that nothing of it is left: no process in its
+/// namespaces (so its tmpfs profile and downloads, which exist only in its mount namespace,
+/// are gone with them) and no cgroup.
+async fn purge(h: &sandbox::Handle) -> Result<serde_json::Value, String> {
+    let started = std::time::Instant::now();
+    h.kill().map_err(|e| format!("kill: {e}"))?;
+    let h2 = h.clone();
+    let check = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        let deadline = std::time::Instant::now() + PURGE_DEADLINE;
+        if !h2.wait_exit(PURGE_DEADLINE) {
+            return Err(format!(
+                "the sandbox launcher (pid {}) did not exit after SIGKILL",
+                h2.launcher_pid
+            ));
+        }
+        loop {
+            let _ = h2.reap();
+            let left = sandbox::processes_in(&h2.ns);
+            if left.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("processes still alive after SIGKILL: {left:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        sandbox::cleanup_cgroups(&h2.cgroups).map_err(|e| format!("cgroups: {e}"))?;
+        Ok(json!({
+            "processes_left": 0,
+            "namespaces_gone": true,
+            "profile": "tmpfs in the session's own mount namespace, gone with it",
+            "cgroups_removed": h2.cgroups.len(),
+        }))
+    });
+    let mut facts = check
+        .await
+        .map_err(|e| format!("purge check task: {e}"))??;
+    facts["purge_ms"] = (started.elapsed().as_secs_f64() * 1000.0).round().into();
+    Ok(facts)
+}

@@ -1,0 +1,228 @@
+//! The set of sessions this supervisor runs, and the per-session host uids.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{launch, new_session, rfc3339, AgentUrls, EndReason, Session, State};
+use crate::audit::{Audit, AuditError};
+use crate::config::Config;
+use crate::mandate::ValidMandate;
+use crate::metrics::Metrics;
+
+/// Purged sessions kept for `GET /v1/sessions/{id}` before they are forgotten.
+const KEEP_PURGED: usize = 256;
+
+/// Why a registry operation failed; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// `limits.max_sessions` sessions are alive.
+    #[error("limits.max_sessions: {0} sessions are already running; revoke one or try later")]
+    Full(usize),
+    /// No session with that id.
+    #[error("no session with id `{0}`")]
+    NotFound(String),
+    /// The browser could not be started; the message names the step.
+    #[error("launch failed: {0}")]
+    Launch(String),
+    /// The audit log could not record the step, so the step was not taken.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
+    /// The supervisor is stopping.
+    #[error("the supervisor is shutting down")]
+    ShuttingDown,
+}
+
+/// All sessions of this supervisor.
+pub struct Registry {
+    pub(super) cfg: Arc<Config>,
+    pub(super) audit: Audit,
+    pub(super) metrics: Arc<Metrics>,
+    urls: AgentUrls,
+    inner: Mutex<Inner>,
+    tasks: TaskTracker,
+    pub(super) shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<String, Arc<Session>>,
+    by_capability: HashMap<String, String>,
+    purged_order: std::collections::VecDeque<String>,
+    uid_slots: BTreeSet<u32>,
+}
+
+impl Registry {
+    /// A registry for this config, writing to `audit`.
+    pub fn new(cfg: Arc<Config>, audit: Audit, metrics: Arc<Metrics>, urls: AgentUrls) -> Self {
+        Registry {
+            cfg,
+            audit,
+            metrics,
+            urls,
+            inner: Mutex::new(Inner::default()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The supervisor's config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// How agent URLs look.
+    pub fn urls(&self) -> &AgentUrls {
+        &self.urls
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a session for `mandate`; returns once the browser answered its first CDP
+    /// command (state `active`), or with the launch error after everything was cleaned up.
+    pub async fn create(
+        self: &Arc<Self>,
+        mandate: ValidMandate,
+    ) -> Result<Arc<Session>, RegistryError> {
+        if self.shutdown.is_cancelled() {
+            return Err(RegistryError::ShuttingDown);
+        }
+        let (session, end_rx) = new_session(mandate, OffsetDateTime::now_utc());
+        let slot = {
+            let mut inner = self.lock();
+            let live = inner
+                .sessions
+                .values()
+                .filter(|s| !matches!(s.state(), State::Purged(_)))
+                .count();
+            if live >= self.cfg.limits.max_sessions {
+                return Err(RegistryError::Full(self.cfg.limits.max_sessions));
+            }
+            let slot = (0..self.cfg.sandbox.uid_count)
+                .find(|n| !inner.uid_slots.contains(n))
+                .ok_or(RegistryError::Full(self.cfg.limits.max_sessions))?;
+            inner.uid_slots.insert(slot);
+            inner.sessions.insert(session.id.clone(), session.clone());
+            inner
+                .by_capability
+                .insert(session.capability.clone(), session.id.clone());
+            slot
+        };
+        let m = &session.mandate;
+        let created = self
+            .audit
+            .record(
+                "session.created",
+                Some(&session.id),
+                json!({
+                    "agent": m.source.agent,
+                    "expires_at": rfc3339(m.expires_at),
+                    "egress_allow": m.source.egress.allow,
+                    "private_networks": m.source.egress.private_networks,
+                    "hosts": m.source.egress.hosts,
+                }),
+            )
+            .await;
+        if let Err(e) = created {
+            self.forget(&session, slot);
+            return Err(e.into());
+        }
+        self.metrics.sessions_created.inc();
+        self.metrics.sessions_live.inc();
+
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let s = session.clone();
+        self.tasks.spawn(async move {
+            launch::run(this.clone(), s.clone(), slot, end_rx, ready_tx).await;
+            this.release(&s, slot);
+        });
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(session),
+            Ok(Err(e)) => Err(RegistryError::Launch(e)),
+            Err(_) => Err(RegistryError::Launch(
+                "the launch task stopped without an answer".into(),
+            )),
+        }
+    }
+
+    fn forget(&self, s: &Session, slot: u32) {
+        let mut inner = self.lock();
+        inner.sessions.remove(&s.id);
+        inner.by_capability.remove(&s.capability);
+        inner.uid_slots.remove(&slot);
+    }
+
+    /// Called when a session is purged: its uid slot is free again, its capability dead.
+    fn release(&self, s: &Session, slot: u32) {
+        let mut inner = self.lock();
+        inner.by_capability.remove(&s.capability);
+        if matches!(s.state(), State::Purged(_)) {
+            // A slot whose purge could not be verified stays taken: its uid may still own
+            // something on this host.
+            inner.uid_slots.remove(&slot);
+        }
+        inner.purged_order.push_back(s.id.clone());
+        while inner.purged_order.len() > KEEP_PURGED {
+            if let Some(old) = inner.purged_order.pop_front() {
+                inner.sessions.remove(&old);
+            }
+        }
+        self.metrics.sessions_live.dec();
+    }
+
+    /// A session by id (live or recently purged).
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock().sessions.get(id).cloned()
+    }
+
+    /// A live session by the capability in its agent URL.
+    pub fn by_capability(&self, cap: &str) -> Option<Arc<Session>> {
+        let inner = self.lock();
+        let id = inner.by_capability.get(cap)?;
+        inner.sessions.get(id).cloned()
+    }
+
+    /// All known sessions, oldest first.
+    pub fn list(&self) -> Vec<Arc<Session>> {
+        let mut v: Vec<_> = self.lock().sessions.values().cloned().collect();
+        v.sort_by_key(|s| s.created_at);
+        v
+    }
+
+    /// Revokes a session and waits until it is purged.
+    pub async fn revoke(&self, id: &str) -> Result<Arc<Session>, RegistryError> {
+        let s = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        s.request_end(EndReason::Revoked);
+        s.purged().await;
+        Ok(s)
+    }
+
+    /// Ends every session (`shutdown`) and waits until all are purged.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        for s in self.list() {
+            s.request_end(EndReason::Shutdown);
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
