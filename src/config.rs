@@ -99,6 +99,9 @@ pub struct BrowserConfig {
     /// How long a launch may take before the session is refused.
     #[serde(with = "humantime_serde")]
     pub launch_timeout: Duration,
+    /// Pass Chromium's own stdout/stderr through to the supervisor's (for debugging; off by
+    /// default because Chromium logs URLs).
+    pub show_output: bool,
 }
 
 /// Sandbox settings.
@@ -170,6 +173,7 @@ impl Default for BrowserConfig {
         BrowserConfig {
             path: PathBuf::from("/usr/lib/chromium/chromium"),
             launch_timeout: Duration::from_secs(30),
+            show_output: false,
         }
     }
 }
@@ -218,7 +222,7 @@ impl Config {
         let cfg: Config = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             err(match line {
                 Some(l) => format!("line {l}: {}", e.message()),
                 None => e.message().to_string(),

@@ -163,7 +163,7 @@ impl Mandate {
             let message = e.message().to_string();
             let field = match e.span() {
                 Some(span) => {
-                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                     format!("line {line}")
                 }
                 None => "mandate".to_string(),
@@ -368,8 +368,8 @@ mod tests {
     #[test]
     fn unknown_fields_are_named() {
         let e = check(r#"{"agent":"a","ttl_secs":60,"egress":{"alow":[]}}"#).unwrap_err();
-        assert_eq!(e.field, "egress");
-        assert!(e.message.contains("alow"), "{e}");
+        assert_eq!(e.field, "egress.alow");
+        assert!(e.message.contains("unknown field"), "{e}");
         let e = check(r#"{"agent":"a","ttl_secs":60,"extra":1}"#).unwrap_err();
         assert!(e.to_string().contains("extra"), "{e}");
     }

@@ -181,4 +181,27 @@ fn wrong_capability_foreign_origin_and_host_are_refused() {
         )),
         "{body}"
     );
+    // The rest of Chromium's HTTP surface.
+    let get = |path: &str| {
+        http(
+            sup.listen,
+            &format!(
+                "GET /session/{cap}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    let (st, body) = get("/json/protocol");
+    assert_eq!(st, 200);
+    assert!(
+        body.contains("\"domains\"") && body.contains("\"Target\""),
+        "no protocol"
+    );
+    let (st, body) = get("/json/list");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.contains("\"type\": \"page\"") || body.contains("\"type\":\"page\""),
+        "{body}"
+    );
+    let (st, _) = get("/json/new?about:blank");
+    assert_eq!(st, 405);
 }

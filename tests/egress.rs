@@ -42,8 +42,9 @@ fn unlisted_host_is_refused_and_audited() {
         let text = c.eval(&p, "document.body.innerText").await;
         (text, fetched)
     });
+    // The proxy's 403 is all the page gets (an opaque response for no-cors).
     assert!(
-        fetch_result.as_str().unwrap().starts_with("failed"),
+        !fetch_result.to_string().contains("stolen"),
         "{fetch_result}"
     );
     assert!(

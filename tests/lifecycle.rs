@@ -187,7 +187,7 @@ fn chromium_killed_from_outside_ends_the_session_as_crashed() {
         Ended::Close(code, reason) => {
             assert!(code == 1001 || code == 1011, "{code}");
             assert!(
-                reason.contains("crash") || reason.contains("lost"),
+                reason.contains("crash") || reason.contains("browser is gone"),
                 "{reason}"
             );
         }

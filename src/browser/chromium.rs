@@ -92,6 +92,8 @@ pub fn managed_policy() -> serde_json::Value {
         "WebRtcIPHandling": "disable_non_proxied_udp",
         "DefaultBrowserSettingEnabled": false,
         "PromotionsEnabled": false,
+        // Debian's Chromium preconnects to its default search engine at start.
+        "DefaultSearchProviderEnabled": false,
     })
 }
 

@@ -549,7 +549,7 @@ impl Shared {
                 agent.open = false;
                 agent
                     .outbox
-                    .close(1001, &format!("the browser is gone: {reason}"));
+                    .close(1001, &format!("chaperone: the browser is gone: {reason}"));
             }
         }
         router.sessions.clear();

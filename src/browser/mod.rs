@@ -5,5 +5,6 @@ pub mod chromium;
 pub mod conn;
 mod envelope;
 pub mod pipe;
+pub mod protocol;
 
 pub use conn::{AgentId, AgentLink, BrowserConn, CdpError, ToAgent};

@@ -28,6 +28,7 @@ pub struct Endpoint {
     reg: Arc<Registry>,
     public_host: Option<String>,
     max_message: usize,
+    protocol: Arc<tokio::sync::OnceCell<Result<bytes::Bytes, String>>>,
 }
 
 /// The endpoint's routes.
@@ -36,6 +37,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
     let ep = Endpoint {
         public_host: cfg.public_host.clone(),
         max_message: usize::try_from(cfg.limits.max_agent_message.as_u64()).unwrap_or(usize::MAX),
+        protocol: Arc::default(),
         reg,
     };
     Router::new()
@@ -104,18 +106,18 @@ pub fn host_allowed(host: &str, public_host: Option<&str>) -> bool {
         || public_host.is_some_and(|p| name.eq_ignore_ascii_case(p))
 }
 
-fn live(ep: &Endpoint, cap: &str) -> Result<Arc<Session>, Response> {
+fn live(ep: &Endpoint, cap: &str) -> Result<Arc<Session>, Box<Response>> {
     let s = ep.reg.by_capability(cap).ok_or_else(|| {
-        text(
+        Box::new(text(
             StatusCode::NOT_FOUND,
             "chaperone: no live session for this URL (wrong capability, or the session ended)\n",
-        )
+        ))
     })?;
     if s.state() != SessionState::Active {
-        return Err(text(
+        return Err(Box::new(text(
             StatusCode::GONE,
             format!("chaperone: session is {}\n", s.state().name()),
-        ));
+        )));
     }
     Ok(s)
 }
@@ -137,7 +139,7 @@ async fn version(
 ) -> Response {
     let s = match live(&ep, &cap) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(b) = s.browser() else {
         return text(StatusCode::GONE, "chaperone: session has no browser\n");
@@ -158,7 +160,7 @@ async fn version(
 async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
     let s = match live(&ep, &cap) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(b) = s.browser() else {
         return text(StatusCode::GONE, "chaperone: session has no browser\n");
@@ -194,12 +196,29 @@ async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
 
 async fn protocol(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
     if let Err(r) = live(&ep, &cap) {
-        return r;
+        return *r;
     }
-    text(
-        StatusCode::NOT_IMPLEMENTED,
-        "chaperone: /json/protocol is not served yet; the protocol of this browser is Chromium's, see Browser.getVersion\n",
-    )
+    let pak = crate::browser::protocol::pak_for(&ep.reg.config().browser.path);
+    let loaded = ep
+        .protocol
+        .get_or_init(|| async move {
+            tokio::task::spawn_blocking(move || crate::browser::protocol::read_protocol(&pak))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map(bytes::Bytes::from).map_err(|e| e.to_string()))
+        })
+        .await;
+    match loaded {
+        Ok(json) => (
+            [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
+            json.clone(),
+        )
+            .into_response(),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("chaperone: cannot read the protocol description: {e}\n"),
+        ),
+    }
 }
 
 async fn new_target(
@@ -210,7 +229,7 @@ async fn new_target(
 ) -> Response {
     let s = match live(&ep, &cap) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if method != axum::http::Method::PUT {
         return text(
@@ -249,6 +268,7 @@ async fn websocket(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if let Some(origin) = headers.get(header::ORIGIN) {
+        ep.reg.metrics().cdp_denied.inc();
         let origin = origin.to_str().unwrap_or("?");
         return text(
             StatusCode::FORBIDDEN,
@@ -260,7 +280,7 @@ async fn websocket(
     }
     let s = match live(&ep, &cap) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     // tungstenite may buffer a little more than our own limit so that an oversized message
     // is answered with a close frame that says why, instead of a dropped connection.

@@ -117,7 +117,11 @@ async fn launch(
         profile_dir: chromium::PROFILE_DIR.into(),
         extra_writable: vec![],
         proxy_port: chromium::PROXY_PORT,
-        output: sandbox::Output::Inherit,
+        output: if cfg.browser.show_output {
+            sandbox::Output::Inherit
+        } else {
+            sandbox::Output::Null
+        },
         limits: sandbox::Limits {
             memory_bytes: Some(cfg.sandbox.memory_limit.as_u64()),
             pids: Some(cfg.sandbox.pids_limit),
@@ -202,8 +206,9 @@ impl EgressObserver for SessionEgress {
             json!({
                 "host": d.host,
                 "port": d.port,
-                "kind": format!("{:?}", d.kind),
+                "kind": d.kind.to_string(),
                 "reason": d.reason.to_string(),
+                "code": d.reason.code(),
             }),
         );
     }

@@ -288,11 +288,16 @@ pub fn descendants(root: i32) -> Vec<i32> {
     let mut all = Vec::new();
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            all.push(c);
-            frontier.push(c);
+        // Children hang off the thread that forked them, not only the main thread.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                all.push(c);
+                frontier.push(c);
+            }
         }
     }
     all
