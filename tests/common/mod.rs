@@ -46,8 +46,12 @@ impl Supervisor {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:0\"\ncontrol = \"unix:{}\"\naudit_log = \"{}\"\n{extra_toml}",
-                control.display(),
+                "listen = \"127.0.0.1:0\"\n{}audit_log = \"{}\"\n{extra_toml}",
+                if extra_toml.starts_with("control =") {
+                    String::new()
+                } else {
+                    format!("control = \"unix:{}\"\n", control.display())
+                },
                 audit.display()
             ),
         )
