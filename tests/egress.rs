@@ -188,3 +188,55 @@ fn webrtc_udp_gets_nothing_out() {
         "a server-reflexive candidate means UDP reached a STUN server: {list:?}"
     );
 }
+
+#[test]
+fn https_and_websockets_leave_through_connect_tunnels() {
+    let site = Site::start(TEST_PAGE);
+    let tls_site = Site::start(TEST_PAGE);
+    let sup = Supervisor::start();
+    let s = sup.session(&mandate(300, &["site.test"]));
+    rt().block_on(async {
+        let mut c = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
+        let p = c
+            .open_page(&format!("http://site.test:{}/", site.port()))
+            .await;
+        // A WebSocket to the allowed host: Chromium tunnels it with CONNECT.
+        c.eval(
+            &p,
+            &format!(
+                "new Promise(done => {{ const w = new WebSocket('ws://site.test:{}/ws'); w.onerror = () => done('error'); w.onclose = () => done('closed'); setTimeout(() => done('timeout'), 3000); }})",
+                site.port()
+            ),
+        )
+        .await;
+        // https to the allowed host: the tunnel carries the TLS handshake (the test server
+        // speaks no TLS, so the page fails, but the bytes got there).
+        c.call(
+            "Page.navigate",
+            json!({"url": format!("https://site.test:{}/", tls_site.port())}),
+            Some(&p),
+        )
+        .await;
+    });
+    let seen = site.seen();
+    assert!(
+        seen.contains("GET /ws") && seen.to_ascii_lowercase().contains("upgrade: websocket"),
+        "the WebSocket handshake did not arrive: {seen}"
+    );
+    for _ in 0..200 {
+        if tls_site.hits.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        tls_site.hits.load(Ordering::SeqCst) > 0,
+        "no TLS connection reached the allowed https site"
+    );
+    let denied = sup
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "egress.denied")
+        .count();
+    assert_eq!(denied, 0);
+}

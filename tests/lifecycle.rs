@@ -241,3 +241,43 @@ fn chaperone_run_gives_the_command_a_session_and_its_exit_code() {
     assert!(events.contains(&"session.purged".to_string()), "{events:?}");
     assert_eq!(events.last().unwrap(), "supervisor.stopped");
 }
+
+#[test]
+fn chaperone_run_purges_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "--audit-log"])
+        .arg(&audit)
+        .args(["--", "sleep", "120"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the session is active, then press Ctrl-C.
+    sup_wait(&audit, "session.active");
+    let procs = chromium_under(child.id() as i32);
+    assert!(!procs.is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(wait_gone(&procs), Vec::<i32>::new());
+    let events: Vec<String> = read_audit(&audit)
+        .iter()
+        .map(|r| r["event"].as_str().unwrap().to_string())
+        .collect();
+    assert!(events.contains(&"session.purged".to_string()), "{events:?}");
+}
+
+fn sup_wait(audit: &std::path::Path, event: &str) {
+    for _ in 0..600 {
+        if read_audit(audit).iter().any(|r| r["event"] == event) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{event} never appeared in {}", audit.display());
+}

@@ -172,6 +172,46 @@ fn tcp_control_api_needs_the_operator_token() {
 }
 
 #[test]
+fn session_cli_starts_shows_and_revokes() {
+    let sup = Supervisor::start();
+    let control = format!("unix:{}", sup.control.display());
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin())
+            .arg("session")
+            .args(args)
+            .args(["--control", &control])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v)
+    };
+    let profile = repo().join("profiles/ci.toml");
+    let (code, started) = cli(&["start", "--profile", profile.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{started}");
+    assert_eq!(started["state"], "active");
+    assert_eq!(started["agent"], "ci");
+    let id = started["id"].as_str().unwrap();
+    let (code, shown) = cli(&["show", id]);
+    assert_eq!((code, &shown["id"]), (Some(0), &started["id"]));
+    let (code, revoked) = cli(&["revoke", id]);
+    assert_eq!(code, Some(0));
+    assert_eq!(revoked["state"], "purged");
+    let (code, missing) = cli(&["show", "no-such-session"]);
+    assert_eq!(code, Some(1));
+    assert!(missing["error"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-session"));
+    let (code, bad) = cli(&[
+        "start",
+        "--mandate-json",
+        "{\"agent\":\"x\",\"ttl_secs\":0}",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(bad["error"].as_str().unwrap().contains("ttl_secs"), "{bad}");
+}
+
+#[test]
 fn agents_connect_over_wss_when_given_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let cert =

@@ -16,6 +16,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
+use chromiumoxide::cdp::browser_protocol::target::{CreateTargetParams, GetTargetsParams};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 
@@ -165,8 +166,8 @@ async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
     let Some(b) = s.browser() else {
         return text(StatusCode::GONE, "chaperone: session has no browser\n");
     };
-    let targets = match b.conn.call("Target.getTargets", json!({}), None).await {
-        Ok(v) => v,
+    let targets = match b.conn.execute(GetTargetsParams::default(), None).await {
+        Ok(v) => serde_json::to_value(&v).unwrap_or_default(),
         Err(e) => {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -243,12 +244,12 @@ async fn new_target(
     let url = uri.query().unwrap_or("about:blank").to_string();
     match b
         .conn
-        .call("Target.createTarget", json!({ "url": url }), None)
+        .execute(CreateTargetParams::new(url.clone()), None)
         .await
     {
         Ok(v) => Json(json!({
             "description": "",
-            "id": v.get("targetId"),
+            "id": v.target_id.as_ref(),
             "title": "",
             "type": "page",
             "url": url,

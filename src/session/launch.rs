@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chaperone_sandbox as sandbox;
+use chromiumoxide::cdp::browser_protocol::browser::GetVersionParams;
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
@@ -143,11 +144,11 @@ async fn launch(
     };
     let version = tokio::time::timeout(
         cfg.browser.launch_timeout,
-        conn.call("Browser.getVersion", json!({}), None),
+        conn.execute(GetVersionParams::default(), None),
     )
     .await;
     let version = match version {
-        Ok(Ok(v)) => v,
+        Ok(Ok(v)) => serde_json::to_value(&v).unwrap_or_default(),
         Ok(Err(e)) => return Err(with(format!("first CDP reply: {e}"), handle)),
         Err(_) => {
             let e = format!(
