@@ -275,7 +275,7 @@ async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let code = tokio::select! {
         status = child.wait() => exit_code(status?),
-        _ = session.purged() => {
+        _ = session.finished() => {
             // The session ended under the command (deadline, crash): the command cannot go
             // on meaningfully, so it is stopped.
             let _ = child.start_kill();

@@ -80,7 +80,9 @@ fn registry_error(e: RegistryError) -> Response {
     let status = match e {
         RegistryError::Full(_) | RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-        RegistryError::Launch(_) | RegistryError::Audit(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        RegistryError::Launch(_) | RegistryError::Audit(_) | RegistryError::PurgeFailed(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     };
     error(status, e)
 }

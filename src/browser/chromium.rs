@@ -99,11 +99,18 @@ pub fn managed_policy() -> serde_json::Value {
 
 /// Host paths bound read-only into the sandbox. Everything else of the host is absent.
 pub fn ro_binds(chromium: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = ["/usr", "/etc/fonts", "/etc/ld.so.cache", "/etc/localtime"]
-        .iter()
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-        .collect();
+    // The fontconfig cache saves every session from rebuilding it.
+    let mut v: Vec<PathBuf> = [
+        "/usr",
+        "/etc/fonts",
+        "/etc/ld.so.cache",
+        "/etc/localtime",
+        "/var/cache/fontconfig",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .filter(|p| p.exists())
+    .collect();
     // A Chromium outside /usr (a custom build) needs its own directory too.
     if !chromium.starts_with("/usr") {
         if let Some(dir) = chromium.parent() {

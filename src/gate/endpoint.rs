@@ -308,8 +308,7 @@ async fn agent_connection(
     let (mut tx, mut rx) = socket.split();
     let observer = Arc::new(crate::gate::AuditGate::new(reg.clone(), session.id.clone()));
     let link = match browser
-        .conn
-        .attach_agent(&session.mandate.source.agent, observer)
+        .agent_link(&session.mandate.source.agent, observer)
         .await
     {
         Ok(l) => l,
@@ -327,7 +326,15 @@ async fn agent_connection(
     let mut detach = true;
     loop {
         tokio::select! {
+            // The session's end is checked first: it is signalled before the browser is
+            // killed, so the agent learns the real reason, not just that the browser went away.
             biased;
+            _ = session.ending.cancelled() => {
+                let reason = session.state().end_reason().map_or("chaperone: session ended", |r| r.close_reason());
+                let _ = tx.send(close(1001, reason)).await;
+                detach = false;
+                break;
+            }
             out = link.next_for_agent() => match out {
                 Some(ToAgent::Text(t)) => {
                     if tx.send(Message::Text(t.into())).await.is_err() { break; }
@@ -342,12 +349,6 @@ async fn agent_connection(
                     break;
                 }
             },
-            _ = session.ending.cancelled() => {
-                let reason = session.state().end_reason().map_or("chaperone: session ended", |r| r.close_reason());
-                let _ = tx.send(close(1001, reason)).await;
-                detach = false;
-                break;
-            }
             msg = rx.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     if t.len() > max_message {

@@ -142,11 +142,20 @@ async fn launch(
         Ok(c) => c,
         Err(e) => return Err(with(format!("CDP pipe: {e}"), handle)),
     };
-    let version = tokio::time::timeout(
-        cfg.browser.launch_timeout,
-        conn.execute(GetVersionParams::default(), None),
-    )
-    .await;
+    // The first agent's browser session is attached together with the first command, so
+    // the agent does not wait for it after the session is announced.
+    let observer: Arc<dyn crate::gate::GateObserver> =
+        Arc::new(crate::gate::AuditGate::new(reg.clone(), session.id.clone()));
+    let first = async {
+        tokio::join!(
+            conn.execute(GetVersionParams::default(), None),
+            conn.attach_agent(&session.mandate.source.agent, observer)
+        )
+    };
+    let (version, spare) = match tokio::time::timeout(cfg.browser.launch_timeout, first).await {
+        Ok((v, spare)) => (Ok(v), spare.ok()),
+        Err(e) => (Err(e), None),
+    };
     let version = match version {
         Ok(Ok(v)) => serde_json::to_value(&v).unwrap_or_default(),
         Ok(Err(e)) => return Err(with(format!("first CDP reply: {e}"), handle)),
@@ -178,14 +187,7 @@ async fn launch(
         session.ending.clone(),
     ));
     let degraded = handle.degraded.iter().map(|l| l.to_string()).collect();
-    Ok((
-        BrowserInfo {
-            conn,
-            version,
-            degraded,
-        },
-        handle,
-    ))
+    Ok((BrowserInfo::new(conn, version, degraded, spare), handle))
 }
 
 /// Audits what the proxy refuses and counts what it sees.
@@ -286,6 +288,7 @@ async fn end(
                     json!({ "problem": problem }),
                 )
                 .await;
+            session.state.send_replace(State::PurgeFailed(reason));
             Err(problem)
         }
     }

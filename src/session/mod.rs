@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::browser::BrowserConn;
+use crate::browser::{AgentLink, BrowserConn, CdpError};
+use crate::gate::GateObserver;
 use crate::mandate::ValidMandate;
 
 /// Why a session ended.
@@ -71,6 +72,9 @@ pub enum State {
     Ending(EndReason),
     /// Nothing of the session is left; checked.
     Purged(EndReason),
+    /// The purge could not be verified (`session.purge_failed` in the audit log names what is
+    /// left); an operator must look at the host.
+    PurgeFailed(EndReason),
 }
 
 impl State {
@@ -81,13 +85,14 @@ impl State {
             State::Active => "active",
             State::Ending(_) => "ending",
             State::Purged(_) => "purged",
+            State::PurgeFailed(_) => "purge_failed",
         }
     }
 
     /// Why it ended, once it is ending.
     pub fn end_reason(self) -> Option<EndReason> {
         match self {
-            State::Ending(r) | State::Purged(r) => Some(r),
+            State::Ending(r) | State::Purged(r) | State::PurgeFailed(r) => Some(r),
             _ => None,
         }
     }
@@ -119,6 +124,49 @@ pub struct BrowserInfo {
     pub version: serde_json::Value,
     /// Sandbox layers this session runs without (accepted by the config).
     pub degraded: Vec<String>,
+    /// A browser-level CDP session attached ahead of time for the next agent connection.
+    /// Chromium takes tens of milliseconds to attach one; this keeps that off the agent's
+    /// first command.
+    spare: Arc<tokio::sync::Mutex<Option<AgentLink>>>,
+}
+
+impl BrowserInfo {
+    pub(crate) fn new(
+        conn: BrowserConn,
+        version: serde_json::Value,
+        degraded: Vec<String>,
+        spare: Option<AgentLink>,
+    ) -> Self {
+        BrowserInfo {
+            conn,
+            version,
+            degraded,
+            spare: Arc::new(tokio::sync::Mutex::new(spare)),
+        }
+    }
+
+    /// The browser's link for a new agent connection: the spare one when it is ready,
+    /// a freshly attached one otherwise. A new spare is prepared in the background.
+    pub async fn agent_link(
+        &self,
+        label: &str,
+        observer: Arc<dyn GateObserver>,
+    ) -> Result<AgentLink, CdpError> {
+        let spare = self.spare.lock().await.take();
+        let link = match spare {
+            Some(l) => l,
+            None => self.conn.attach_agent(label, observer.clone()).await?,
+        };
+        let this = self.clone();
+        let label = label.to_string();
+        tokio::spawn(async move {
+            let mut slot = this.spare.lock().await;
+            if slot.is_none() {
+                *slot = this.conn.attach_agent(&label, observer).await.ok();
+            }
+        });
+        Ok(link)
+    }
 }
 
 impl Session {
@@ -127,10 +175,14 @@ impl Session {
         *self.state.borrow()
     }
 
-    /// Waits until the session reaches `purged`.
-    pub async fn purged(&self) {
+    /// Waits until the session's end is settled: `purged`, or `purge_failed`.
+    pub async fn finished(&self) -> State {
         let mut rx = self.state.subscribe();
-        let _ = rx.wait_for(|s| matches!(s, State::Purged(_))).await;
+        let settled = rx
+            .wait_for(|s| matches!(s, State::Purged(_) | State::PurgeFailed(_)))
+            .await
+            .map(|s| *s);
+        settled.unwrap_or_else(|_| self.state())
     }
 
     /// The browser, when the session is active.

@@ -32,6 +32,9 @@ pub enum RegistryError {
     /// The audit log could not record the step, so the step was not taken.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
+    /// The session was killed but its purge could not be verified.
+    #[error("session `{0}` was ended but its purge could not be verified; see session.purge_failed in the audit log")]
+    PurgeFailed(String),
     /// The supervisor is stopping.
     #[error("the supervisor is shutting down")]
     ShuttingDown,
@@ -212,8 +215,10 @@ impl Registry {
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         s.request_end(EndReason::Revoked);
-        s.purged().await;
-        Ok(s)
+        match s.finished().await {
+            State::PurgeFailed(_) => Err(RegistryError::PurgeFailed(s.id.clone())),
+            _ => Ok(s),
+        }
     }
 
     /// Ends every session (`shutdown`) and waits until all are purged.
