@@ -125,8 +125,27 @@ fn http(addr: std::net::SocketAddr, req: &str) -> (u16, String) {
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     s.write_all(req.as_bytes()).unwrap();
+    // Read one response (head, then Content-Length bytes): a refused upgrade may leave the
+    // connection open.
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    let mut chunk = [0u8; 65536];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(usize::MAX);
+            if len != usize::MAX && out.len() >= end + 4 + len {
+                break;
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text
         .split_whitespace()
@@ -186,7 +205,8 @@ fn wrong_capability_foreign_origin_and_host_are_refused() {
         http(
             sup.listen,
             &format!(
-                "GET /session/{cap}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                "GET /session/{cap}{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                sup.listen
             ),
         )
     };
@@ -204,4 +224,31 @@ fn wrong_capability_foreign_origin_and_host_are_refused() {
     );
     let (st, _) = get("/json/new?about:blank");
     assert_eq!(st, 405);
+    // A page's own websocket, as /json/list announces it: no sessionId needed.
+    let json_start = body.find("\r\n\r\n").unwrap() + 4;
+    let list: serde_json::Value = serde_json::from_str(body[json_start..].trim()).unwrap();
+    let page_url = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "page")
+        .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+        .expect("a page with a websocket URL")
+        .to_string();
+    assert!(page_url.contains(cap), "{page_url}");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut page = Cdp::connect(&page_url).await;
+        let r = page
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": "6*7", "returnByValue": true}),
+                None,
+            )
+            .await;
+        assert_eq!(r["result"]["result"]["value"], 42, "{r}");
+        assert!(r.get("sessionId").is_none(), "{r}");
+        let wrong = page_url.replace(cap, &"f".repeat(cap.len()));
+        let refused = tokio_tungstenite::connect_async(wrong.as_str()).await;
+        assert!(refused.is_err());
+    });
 }

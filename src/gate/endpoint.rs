@@ -3,7 +3,8 @@
 //!
 //! `http_url` is `http://HOST/session/<capability>`: its `/json/version` (with or without the
 //! trailing slash), `/json`, `/json/list` and `/json/protocol` behave as Chromium's own. The
-//! websocket is `ws://HOST/devtools/browser/<capability>`. Like Chromium, the endpoint refuses a
+//! websocket is `ws://HOST/devtools/browser/<capability>`; each page listed by `/json/list` has
+//! its own `ws://HOST/devtools/page/<capability>/<target id>`. Like Chromium, the endpoint refuses a
 //! `Host` that is neither an IP address nor `localhost` (nor the configured `public_host`), and
 //! refuses websocket upgrades that carry an `Origin` (a web page must not drive a browser).
 
@@ -52,6 +53,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/session/{cap}/json/protocol/", get(protocol))
         .route("/session/{cap}/json/new", any(new_target))
         .route("/devtools/browser/{cap}", get(websocket))
+        .route("/devtools/page/{cap}/{target}", get(page_websocket))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(ep.clone(), check_host))
         .with_state(ep)
@@ -158,7 +160,11 @@ async fn version(
     .into_response()
 }
 
-async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
+async fn list(
+    State(ep): State<Endpoint>,
+    Path(cap): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let s = match live(&ep, &cap) {
         Ok(s) => s,
         Err(r) => return *r,
@@ -175,6 +181,7 @@ async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
             )
         }
     };
+    let base = ws_base(req_host(&headers), &ep);
     let list: Vec<Value> = targets
         .get("targetInfos")
         .and_then(Value::as_array)
@@ -182,13 +189,15 @@ async fn list(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
         .flatten()
         .filter(|t| t.get("type").and_then(Value::as_str) != Some("browser"))
         .map(|t| {
+            let id = t.get("targetId").and_then(Value::as_str).unwrap_or("");
             json!({
                 "description": "",
                 "devtoolsFrontendUrl": "",
-                "id": t.get("targetId"),
+                "id": id,
                 "title": t.get("title"),
                 "type": t.get("type"),
                 "url": t.get("url"),
+                "webSocketDebuggerUrl": format!("{base}/devtools/page/{cap}/{id}"),
             })
         })
         .collect();
@@ -268,6 +277,27 @@ async fn websocket(
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    upgrade_agent(ep, cap, None, headers, upgrade)
+}
+
+/// A websocket bound to one page, as `/json/list` announces it: messages without `sessionId`
+/// go to that page.
+async fn page_websocket(
+    State(ep): State<Endpoint>,
+    Path((cap, target)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade_agent(ep, cap, Some(target), headers, upgrade)
+}
+
+fn upgrade_agent(
+    ep: Endpoint,
+    cap: String,
+    page: Option<String>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     if let Some(origin) = headers.get(header::ORIGIN) {
         ep.reg.metrics().cdp_denied.inc();
         let origin = origin.to_str().unwrap_or("?");
@@ -291,7 +321,7 @@ async fn websocket(
     upgrade
         .max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| agent_connection(socket, reg, s, max))
+        .on_upgrade(move |socket| agent_connection(socket, reg, s, max, page))
 }
 
 async fn agent_connection(
@@ -299,6 +329,7 @@ async fn agent_connection(
     reg: Arc<Registry>,
     session: Arc<Session>,
     max_message: usize,
+    page: Option<String>,
 ) {
     let Some(browser) = session.browser() else {
         return;
@@ -323,6 +354,17 @@ async fn agent_connection(
             return;
         }
     };
+    let page = match page {
+        None => None,
+        Some(target) => match PageBinding::attach(&link, &target).await {
+            Ok(p) => Some(p),
+            Err(reason) => {
+                let _ = tx.send(close(1011, &reason)).await;
+                metrics.agent_connections.dec();
+                return;
+            }
+        },
+    };
     let mut detach = true;
     loop {
         tokio::select! {
@@ -337,6 +379,17 @@ async fn agent_connection(
             }
             out = link.next_for_agent() => match out {
                 Some(ToAgent::Text(t)) => {
+                    let t = match page.as_ref() {
+                        None => t,
+                        Some(p) => match p.outbound(t) {
+                            PageOut::Send(t) => t,
+                            PageOut::Skip => continue,
+                            PageOut::Closed => {
+                                let _ = tx.send(close(1000, "chaperone: the page was closed")).await;
+                                break;
+                            }
+                        },
+                    };
                     if tx.send(Message::Text(t.into())).await.is_err() { break; }
                 }
                 Some(ToAgent::Close { code, reason }) => {
@@ -355,7 +408,10 @@ async fn agent_connection(
                         let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
                         break;
                     }
-                    link.from_agent(t.as_str());
+                    match page.as_ref() {
+                        None => link.from_agent(t.as_str()),
+                        Some(p) => link.from_agent(&p.inbound(t.as_str())),
+                    }
                 }
                 Some(Ok(Message::Binary(b))) => {
                     if b.len() > max_message {
@@ -364,7 +420,11 @@ async fn agent_connection(
                     }
                     // Chromium treats binary frames as text; so do we, invalid UTF-8 included
                     // (the router answers it as a parse error).
-                    link.from_agent(&String::from_utf8_lossy(&b));
+                    let t = String::from_utf8_lossy(&b);
+                    match page.as_ref() {
+                        None => link.from_agent(&t),
+                        Some(p) => link.from_agent(&p.inbound(&t)),
+                    }
                 }
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Ok(_)) => {}
@@ -381,6 +441,99 @@ async fn agent_connection(
         }
     }
     metrics.agent_connections.dec();
+}
+
+/// Id of the supervisor's own `Target.attachToTarget` on a page websocket; its answer is
+/// consumed here and never reaches the agent.
+const PAGE_ATTACH_ID: i64 = 2_147_483_647;
+
+/// Turns an agent link into a page-level connection: the page's flat session is attached
+/// through the agent's own browser session, frames without `sessionId` are sent to it, and
+/// its messages reach the agent without `sessionId`, as on Chromium's `/devtools/page/<id>`.
+struct PageBinding {
+    session: String,
+}
+
+enum PageOut {
+    Send(String),
+    Skip,
+    Closed,
+}
+
+impl PageBinding {
+    async fn attach(link: &crate::browser::AgentLink, target: &str) -> Result<Self, String> {
+        link.from_agent(
+            &json!({
+                "id": PAGE_ATTACH_ID,
+                "method": "Target.attachToTarget",
+                "params": {"targetId": target, "flatten": true},
+            })
+            .to_string(),
+        );
+        loop {
+            match link.next_for_agent().await {
+                Some(ToAgent::Text(t)) => {
+                    let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                        continue;
+                    };
+                    if v.get("id").and_then(Value::as_i64) != Some(PAGE_ATTACH_ID) {
+                        continue;
+                    }
+                    return match v.pointer("/result/sessionId").and_then(Value::as_str) {
+                        Some(s) => Ok(PageBinding {
+                            session: s.to_string(),
+                        }),
+                        None => Err(format!(
+                            "chaperone: no page {target} in this session: {}",
+                            v.pointer("/error/message")
+                                .and_then(Value::as_str)
+                                .unwrap_or("attach failed")
+                        )),
+                    };
+                }
+                Some(ToAgent::Close { reason, .. }) => return Err(reason),
+                None => return Err("chaperone: browser connection lost".into()),
+            }
+        }
+    }
+
+    fn inbound(&self, frame: &str) -> String {
+        match serde_json::from_str::<Value>(frame) {
+            Ok(Value::Object(mut m)) if !m.contains_key("sessionId") => {
+                m.insert("sessionId".into(), Value::String(self.session.clone()));
+                Value::Object(m).to_string()
+            }
+            // Anything else goes as it came: the router answers bad frames itself.
+            _ => frame.to_string(),
+        }
+    }
+
+    fn outbound(&self, frame: String) -> PageOut {
+        let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(&frame) else {
+            return PageOut::Send(frame);
+        };
+        match m.get("sessionId").and_then(Value::as_str) {
+            Some(s) if s == self.session => {
+                m.remove("sessionId");
+                PageOut::Send(Value::Object(m).to_string())
+            }
+            Some(_) => PageOut::Send(frame),
+            None => {
+                let detached = m.get("method").and_then(Value::as_str)
+                    == Some("Target.detachedFromTarget")
+                    && m.get("params")
+                        .and_then(|p| p.get("sessionId"))
+                        .and_then(Value::as_str)
+                        == Some(self.session.as_str());
+                if detached {
+                    PageOut::Closed
+                } else {
+                    // Browser-level traffic of the link's own session is not this client's.
+                    PageOut::Skip
+                }
+            }
+        }
+    }
 }
 
 fn close(code: u16, reason: &str) -> Message {
