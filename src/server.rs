@@ -36,6 +36,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .map_err(|e| anyhow::anyhow!("sandbox.accept_degraded: {e}"))?;
     }
     let audit = Audit::open_file(&cfg.audit_log)?;
+    // A supervisor killed with SIGKILL took its browsers with it but could not remove their
+    // (now empty) cgroups.
+    let swept = tokio::task::spawn_blocking(|| {
+        chaperone_sandbox::sweep_stale_cgroups(std::time::Duration::from_secs(60))
+    })
+    .await
+    .unwrap_or_default();
+    if !swept.is_empty() {
+        tracing::info!(
+            count = swept.len(),
+            "removed empty cgroups left by an earlier supervisor"
+        );
+    }
     let agent = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen: cannot bind the agent endpoint on {}", cfg.listen))?;

@@ -277,6 +277,45 @@ pub fn cleanup_cgroups(paths: &[PathBuf]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes session cgroups that a supervisor killed with SIGKILL could not remove: empty
+/// directories under `chaperone/` older than `min_age`. The age keeps a sweep from racing a
+/// launch that has created its cgroup but not joined it yet; a cgroup with processes is never
+/// removed (the kernel refuses). Returns the directories removed.
+pub fn sweep_stale_cgroups(min_age: std::time::Duration) -> Vec<PathBuf> {
+    let root = Path::new(ROOT);
+    let parents: Vec<PathBuf> = match version() {
+        Some(CgroupVersion::V2) => vec![root.join(PARENT)],
+        Some(CgroupVersion::V1) => ["memory", "pids"]
+            .iter()
+            .map(|c| root.join(c).join(PARENT))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut removed = Vec::new();
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let is_session = e.file_type().is_ok_and(|t| t.is_dir())
+                && e.file_name().to_string_lossy().starts_with("chaperone-");
+            let old_enough = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= min_age);
+            let empty = fs::read_to_string(dir.join("cgroup.procs"))
+                .is_ok_and(|t| parse_procs(&t).is_empty());
+            if is_session && old_enough && empty && fs::remove_dir(&dir).is_ok() {
+                removed.push(dir);
+            }
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

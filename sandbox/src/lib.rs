@@ -32,7 +32,7 @@ mod rootfs;
 mod spawner;
 mod spec;
 
-pub use cgroup::{cleanup_cgroups, CgroupReport, CgroupVersion};
+pub use cgroup::{cleanup_cgroups, sweep_stale_cgroups, CgroupReport, CgroupVersion};
 pub use error::{Cause, Error};
 pub use handle::{launch, probe, BrowserIo, Handle, Launched, LAUNCH_TIMEOUT};
 pub use idmap::{map_line, parse_map, to_outside};

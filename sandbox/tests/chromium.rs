@@ -238,6 +238,46 @@ fn failing_steps_are_named_and_leave_nothing_behind() {
     }
 }
 
+/// What a supervisor killed with SIGKILL leaves: empty session cgroups. The next one sweeps
+/// them, and never one that still holds a process.
+fn stale_cgroups_are_swept() {
+    let parent = Path::new("/sys/fs/cgroup/pids/chaperone");
+    if !nix::unistd::geteuid().is_root() || !Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists()
+    {
+        println!("    (needs root and cgroup v1 pids; not applicable here)");
+        return;
+    }
+    std::fs::create_dir_all(parent).unwrap();
+    let stale = parent.join(unique("chaperone-stale"));
+    let busy = parent.join(unique("chaperone-busy"));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::create_dir(&busy).unwrap();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let removed = chaperone_sandbox::sweep_stale_cgroups(Duration::ZERO);
+    assert!(removed.contains(&stale), "{removed:?}");
+    assert!(!stale.exists());
+    assert!(busy.exists(), "a cgroup with a process was removed");
+    // A fresh one is left alone when the sweep asks for age.
+    let fresh = parent.join(unique("chaperone-fresh"));
+    std::fs::create_dir(&fresh).unwrap();
+    assert!(!chaperone_sandbox::sweep_stale_cgroups(Duration::from_secs(3600)).contains(&fresh));
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    for d in [&busy, &fresh] {
+        for _ in 0..100 {
+            if std::fs::remove_dir(d).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!d.exists(), "{}", d.display());
+    }
+}
+
 fn probe_reports_every_layer() {
     let report = probe();
     assert!(report.error.is_none(), "{:?}", report.error);
@@ -762,6 +802,7 @@ fn main() {
     }
     let tests: &[(&str, fn())] = &[
         ("probe_reports_every_layer", probe_reports_every_layer),
+        ("stale_cgroups_are_swept", stale_cgroups_are_swept),
         (
             "sandboxed_shell_sees_only_what_it_was_given",
             sandboxed_shell_sees_only_what_it_was_given,
