@@ -130,6 +130,14 @@ impl Supervisor {
         read_audit(&self.audit)
     }
 
+    /// The audit records of one event.
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        self.audit_records()
+            .into_iter()
+            .filter(|r| r["event"] == event)
+            .collect()
+    }
+
     /// Waits (bounded) until the audit log has a record matching `pred`.
     pub fn wait_audit(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         for _ in 0..600 {
