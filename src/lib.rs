@@ -6,6 +6,7 @@
 //! allowed `unsafe`.
 
 pub mod audit;
+pub mod broker;
 pub mod browser;
 pub mod cli;
 pub mod client;
@@ -17,3 +18,4 @@ pub mod mandate;
 pub mod metrics;
 pub mod server;
 pub mod session;
+pub mod vault;

@@ -1,0 +1,307 @@
+//! Finds held secret values inside outgoing request material (URL, host labels, headers,
+//! body), raw or in the encodings an exfiltrating page would use: percent-encoding (partial or
+//! full, `+` for space), base64, base64url and hex, upper or lower case where the encoding
+//! allows it.
+//!
+//! Pure and allocation-light: the broker builds one [`LeakDetector`] per session from the
+//! vault's values and asks it about every request. A finding names which secret (by index)
+//! and how it was encoded, never the value.
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine;
+
+/// Shortest secret the detector accepts: below this, matches in ordinary traffic become
+/// likely. Mandate validation refuses shorter secrets.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// How a secret was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// As is (host labels and hex digits compared without case).
+    Raw,
+    /// Percent-encoded, wholly or in part.
+    Percent,
+    /// Hexadecimal.
+    Hex,
+    /// Base64 (standard alphabet), at any alignment.
+    Base64,
+    /// Base64url, at any alignment.
+    Base64Url,
+}
+
+/// A held secret found in request material.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// Index of the secret in the list the detector was built from.
+    pub secret: usize,
+    /// How it was encoded.
+    pub encoding: Encoding,
+}
+
+/// Searches request material for a fixed set of secrets.
+pub struct LeakDetector {
+    /// Raw and hex forms, ASCII case-insensitive (DNS lowercases host labels).
+    folded: Option<AhoCorasick>,
+    folded_meta: Vec<(usize, Encoding)>,
+    /// Base64 forms: case matters.
+    exact: Option<AhoCorasick>,
+    exact_meta: Vec<(usize, Encoding)>,
+}
+
+impl LeakDetector {
+    /// A detector for `secrets`. Secrets shorter than [`MIN_SECRET_LEN`] bytes are still
+    /// searched for raw, but not in encoded forms.
+    pub fn new<S: AsRef<[u8]>>(secrets: &[S]) -> LeakDetector {
+        let mut folded = Vec::new();
+        let mut folded_meta = Vec::new();
+        let mut exact = Vec::new();
+        let mut exact_meta = Vec::new();
+        for (i, s) in secrets.iter().enumerate() {
+            let s = s.as_ref();
+            if s.is_empty() {
+                continue;
+            }
+            folded.push(s.to_vec());
+            folded_meta.push((i, Encoding::Raw));
+            if s.len() < MIN_SECRET_LEN {
+                continue;
+            }
+            folded.push(hex::encode(s).into_bytes());
+            folded_meta.push((i, Encoding::Hex));
+            for (engine, enc) in [
+                (&STANDARD_NO_PAD, Encoding::Base64),
+                (&URL_SAFE_NO_PAD, Encoding::Base64Url),
+            ] {
+                for core in base64_cores(engine, s) {
+                    exact.push(core.into_bytes());
+                    exact_meta.push((i, enc));
+                }
+            }
+        }
+        let build = |case_insensitive: bool, pats: &[Vec<u8>]| {
+            if pats.is_empty() {
+                return None;
+            }
+            AhoCorasickBuilder::new()
+                .ascii_case_insensitive(case_insensitive)
+                .match_kind(MatchKind::Standard)
+                .build(pats)
+                .ok()
+        };
+        LeakDetector {
+            folded: build(true, &folded),
+            folded_meta,
+            exact: build(false, &exact),
+            exact_meta,
+        }
+    }
+
+    /// A detector for the vault's secrets (indices in findings follow `secrets`).
+    pub fn for_secrets(secrets: &[&crate::vault::Secret]) -> LeakDetector {
+        let values: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
+        LeakDetector::new(&values)
+    }
+
+    /// The first secret found in `material`, looking through percent-encoding too.
+    pub fn find(&self, material: &[u8]) -> Option<Finding> {
+        if let Some(f) = self.find_plain(material) {
+            return Some(f);
+        }
+        // Undo percent-encoding (twice: double-encoding is a classic) and `+` for space, then
+        // look again; whatever turns up was hidden by percent-encoding.
+        let mut current = material.to_vec();
+        for _ in 0..2 {
+            if !current.contains(&b'%') && !current.contains(&b'+') {
+                break;
+            }
+            let plus: Vec<u8> = current
+                .iter()
+                .map(|&b| if b == b'+' { b' ' } else { b })
+                .collect();
+            for variant in [&current, &plus] {
+                let decoded: Vec<u8> = percent_encoding::percent_decode(variant).collect();
+                if let Some(f) = self.find_plain(&decoded) {
+                    return Some(Finding {
+                        encoding: if f.encoding == Encoding::Raw {
+                            Encoding::Percent
+                        } else {
+                            f.encoding
+                        },
+                        ..f
+                    });
+                }
+            }
+            current = percent_encoding::percent_decode(&current).collect();
+        }
+        None
+    }
+
+    fn find_plain(&self, material: &[u8]) -> Option<Finding> {
+        let hit = |ac: &Option<AhoCorasick>, meta: &[(usize, Encoding)]| {
+            ac.as_ref()?.find(material).map(|m| {
+                let (secret, encoding) = meta[m.pattern().as_usize()];
+                Finding { secret, encoding }
+            })
+        };
+        hit(&self.folded, &self.folded_meta).or_else(|| hit(&self.exact, &self.exact_meta))
+    }
+}
+
+/// The parts of `base64(prefix ++ secret ++ suffix)` that depend on the secret alone, for the
+/// three alignments the secret can have inside a longer encoded string.
+fn base64_cores(engine: &impl Engine, secret: &[u8]) -> Vec<String> {
+    let mut cores = Vec::with_capacity(3);
+    for k in 0..3usize {
+        let mut buf = vec![0u8; k];
+        buf.extend_from_slice(secret);
+        let enc = engine.encode(&buf);
+        // Characters before this one mix prefix bits in; each character holds 6 bits.
+        let skip = (8 * k).div_ceil(6);
+        let total = k + secret.len();
+        let (full, rest) = (total / 3, total % 3);
+        // After the last full group, only characters made of secret bits alone are stable.
+        let end = 4 * full + (8 * rest) / 6;
+        if end > skip && end - skip >= MIN_SECRET_LEN {
+            cores.push(enc[skip..end].to_string());
+        }
+    }
+    cores
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SECRET: &str = "SECRET-TOKEN-93ab2e";
+
+    fn det() -> LeakDetector {
+        LeakDetector::new(&["unrelated-secret-value", SECRET])
+    }
+
+    #[test]
+    fn every_listed_encoding_is_found() {
+        let d = det();
+        let pct: String = SECRET.bytes().map(|b| format!("%{b:02X}")).collect();
+        let cases: Vec<(String, Encoding)> = vec![
+            (format!("GET /collect?t={SECRET}"), Encoding::Raw),
+            // As a DNS label: hosts arrive lowercased.
+            (
+                format!("CONNECT {}.evil.test:443", SECRET.to_lowercase()),
+                Encoding::Raw,
+            ),
+            (format!("/x?t={pct}"), Encoding::Percent),
+            (
+                format!("/x?t={}", SECRET.replace('-', "%2d")),
+                Encoding::Percent,
+            ),
+            (
+                format!("/x?t={}", pct.replace('%', "%25")),
+                Encoding::Percent,
+            ),
+            (format!("a={}", hex::encode(SECRET)), Encoding::Hex),
+            (format!("a={}", hex::encode_upper(SECRET)), Encoding::Hex),
+            (
+                format!(
+                    "a={}",
+                    base64::engine::general_purpose::STANDARD.encode(SECRET)
+                ),
+                Encoding::Base64,
+            ),
+            (
+                format!("a={}", URL_SAFE_NO_PAD.encode(format!("xy{SECRET}z"))),
+                Encoding::Base64Url,
+            ),
+        ];
+        for (material, enc) in cases {
+            let f = d.find(material.as_bytes());
+            assert!(f.is_some(), "missed: {material}");
+            let f = f.unwrap();
+            assert_eq!(f.secret, 1, "{material}");
+            if enc != Encoding::Raw {
+                // Base64 of some strings is also valid base64url, and vice versa.
+                let same_family = matches!(
+                    (enc, f.encoding),
+                    (Encoding::Base64, Encoding::Base64Url)
+                        | (Encoding::Base64Url, Encoding::Base64)
+                );
+                assert!(f.encoding == enc || same_family, "{material}: {f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ordinary_traffic_is_not_flagged() {
+        let d = det();
+        for material in [
+            "GET /index.html HTTP/1.1\r\nHost: bank.test\r\nAccept: */*\r\n\r\n",
+            "Bearer SECRET-TOKEN-93ab2", // a prefix of the secret is not the secret
+            "q=secret+token",
+        ] {
+            assert_eq!(d.find(material.as_bytes()), None, "{material}");
+        }
+        assert_eq!(LeakDetector::new::<&str>(&[]).find(b"anything"), None);
+    }
+
+    #[test]
+    fn vault_secrets_are_searched_by_value_and_reported_by_index() {
+        let key = crate::vault::FingerprintKey::random();
+        let a = crate::vault::Secret::new("first-held-value".into(), &key);
+        let b = crate::vault::Secret::new(SECRET.into(), &key);
+        let d = LeakDetector::for_secrets(&[&a, &b]);
+        let f = d
+            .find(format!("/?x={}", hex::encode(SECRET)).as_bytes())
+            .unwrap();
+        assert_eq!((f.secret, f.encoding), (1, Encoding::Hex));
+    }
+
+    #[test]
+    fn short_secrets_are_found_raw_only() {
+        let d = LeakDetector::new(&["abc"]);
+        assert!(d.find(b"xxabcxx").is_some());
+        assert_eq!(d.find(hex::encode("abc").as_bytes()), None);
+    }
+
+    proptest! {
+        #[test]
+        fn base64_at_any_alignment_is_found(
+            secret in "[ -~]{8,40}",
+            prefix in proptest::collection::vec(any::<u8>(), 0..7),
+            suffix in proptest::collection::vec(any::<u8>(), 0..7),
+            url_safe in any::<bool>(),
+        ) {
+            let d = LeakDetector::new(&[secret.as_bytes()]);
+            let mut data = prefix.clone();
+            data.extend_from_slice(secret.as_bytes());
+            data.extend_from_slice(&suffix);
+            let encoded = if url_safe {
+                URL_SAFE_NO_PAD.encode(&data)
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(&data)
+            };
+            prop_assert!(d.find(format!("x={encoded}&y=1").as_bytes()).is_some(), "{}", encoded);
+        }
+
+        #[test]
+        fn percent_encoding_of_any_subset_is_found(
+            secret in "[ -~]{8,40}",
+            mask in proptest::collection::vec(any::<bool>(), 40),
+        ) {
+            let d = LeakDetector::new(&[secret.as_bytes()]);
+            let encoded: String = secret
+                .bytes()
+                .zip(mask.iter())
+                // `%` and `+` must be encoded for the receiver to get the secret back.
+                .map(|(b, &m)| {
+                    if m || b == b'%' || b == b'+' {
+                        format!("%{b:02x}")
+                    } else {
+                        (b as char).to_string()
+                    }
+                })
+                .collect();
+            prop_assert!(d.find(format!("/p?v={encoded}").as_bytes()).is_some(), "{}", encoded);
+        }
+    }
+}
