@@ -2,7 +2,10 @@
 //! `Debug` and `Display` show a keyed fingerprint, which is also how the audit log names a
 //! token (AG-120 4.6: token identifiers, not token values).
 //!
-//! Built so far: the secret type and its fingerprint. The per-site jars come with the broker.
+//! Built so far: the secret type, its fingerprint, and the per-site cookie jar ([`jar`]). The
+//! broker that fills and uses the jars comes next.
+
+pub mod jar;
 
 use std::fmt;
 
