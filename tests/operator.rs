@@ -381,3 +381,33 @@ fn missing_layers_refuse_sessions_unless_accepted_and_then_say_so() {
     );
     let _ = lenient.wait();
 }
+
+#[test]
+fn a_failed_launch_is_reported_by_step_and_leaves_nothing() {
+    let sup =
+        Supervisor::start_with_config("[browser]\npath = \"/usr/lib/chromium/no-such-chromium\"\n");
+    let (status, body) = sup.api(
+        "POST",
+        "/v1/sessions",
+        Some(&mandate(60, &["site.test"]).to_string()),
+    );
+    assert_eq!(status, 500, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("launch failed") && msg.contains("no-such-chromium"),
+        "{msg}"
+    );
+    let events: Vec<String> = sup
+        .audit_records()
+        .iter()
+        .filter(|r| !r["session"].is_null())
+        .map(|r| r["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        events,
+        ["session.created", "session.crashed", "session.purged"]
+    );
+    assert!(descendants(sup.pid()).iter().all(|p| !alive(*p)));
+    let (_, list) = sup.api("GET", "/v1/sessions", None);
+    assert_eq!(list["sessions"][0]["state"], "purged", "{list}");
+}
