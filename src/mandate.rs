@@ -457,4 +457,41 @@ mod tests {
                 .unwrap_or_else(|e| panic!("profiles/{name}.toml: {e}"));
         }
     }
+
+    proptest::proptest! {
+        /// Untrusted input: arbitrary text never panics, and a refusal always names a field.
+        #[test]
+        fn arbitrary_text_is_refused_cleanly(text in ".{0,200}") {
+            if let Err(e) = Mandate::from_json(&text) {
+                proptest::prop_assert!(!e.field.is_empty());
+            }
+            let _ = Mandate::from_toml(&text);
+        }
+
+        /// Structurally plausible mandates with arbitrary values validate or name a field.
+        #[test]
+        fn arbitrary_values_validate_or_name_the_field(
+            agent in ".{0,40}",
+            ttl in proptest::num::i64::ANY,
+            allow in proptest::collection::vec(".{0,30}", 0..4),
+            nets in proptest::collection::vec(".{0,20}", 0..3),
+        ) {
+            let json = serde_json::json!({
+                "agent": agent, "ttl_secs": ttl,
+                "egress": {"allow": allow, "private_networks": nets},
+            });
+            match Mandate::from_json(&json.to_string()).and_then(|m| m.validate(now(), DEFAULT_MAX_TTL_SECS)) {
+                Ok(m) => {
+                    proptest::prop_assert!(m.expires_at > now());
+                    proptest::prop_assert!(m.expires_at <= now() + time::Duration::seconds(DEFAULT_MAX_TTL_SECS as i64));
+                }
+                Err(e) => proptest::prop_assert!(
+                    ["agent", "ttl_secs", "egress.allow[", "egress.private_networks["]
+                        .iter()
+                        .any(|f| e.field.starts_with(f)),
+                    "{}", e
+                ),
+            }
+        }
+    }
 }
