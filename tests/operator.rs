@@ -411,3 +411,37 @@ fn a_failed_launch_is_reported_by_step_and_leaves_nothing() {
     let (_, list) = sup.api("GET", "/v1/sessions", None);
     assert_eq!(list["sessions"][0]["state"], "purged", "{list}");
 }
+
+#[test]
+fn the_session_limit_is_enforced_and_named() {
+    let sup = Supervisor::start_with_config("[limits]\nmax_sessions = 1\n");
+    let first = sup.session(&mandate(60, &["site.test"]));
+    let before = chromium_under(sup.pid()).len();
+    let (status, body) = sup.api(
+        "POST",
+        "/v1/sessions",
+        Some(&mandate(60, &["site.test"]).to_string()),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_sessions"),
+        "{body}"
+    );
+    assert_eq!(
+        chromium_under(sup.pid()).len(),
+        before,
+        "a refused session launched Chromium"
+    );
+    // Once the first is revoked, there is room again.
+    let (status, _) = sup.api(
+        "DELETE",
+        &format!("/v1/sessions/{}", first["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(status, 200);
+    let second = sup.session(&mandate(60, &["site.test"]));
+    assert_eq!(second["state"], "active");
+}
