@@ -211,6 +211,12 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The 1-based line a TOML error points at, for messages that name where the problem is.
+pub(crate) fn toml_error_line(text: &str, e: &toml::de::Error) -> Option<usize> {
+    e.span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+}
+
 impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -220,10 +226,7 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let cfg: Config = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            err(match line {
+            err(match toml_error_line(&text, &e) {
                 Some(l) => format!("line {l}: {}", e.message()),
                 None => e.message().to_string(),
             })

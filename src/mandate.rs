@@ -161,13 +161,8 @@ impl Mandate {
     pub fn from_toml(text: &str) -> Result<Mandate, MandateError> {
         toml::from_str(text).map_err(|e| {
             let message = e.message().to_string();
-            let field = match e.span() {
-                Some(span) => {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}")
-                }
-                None => "mandate".to_string(),
-            };
+            let field = crate::config::toml_error_line(text, &e)
+                .map_or_else(|| "mandate".to_string(), |line| format!("line {line}"));
             MandateError::new(field, message)
         })
     }

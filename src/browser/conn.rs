@@ -1595,7 +1595,7 @@ impl Outbox {
 }
 
 /// A close reason trimmed to the 123 bytes a WebSocket close frame can carry.
-fn close_reason(reason: &str) -> String {
+pub(crate) fn close_reason(reason: &str) -> String {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;

@@ -537,14 +537,9 @@ impl PageBinding {
 }
 
 fn close(code: u16, reason: &str) -> Message {
-    // A close reason may carry at most 123 bytes.
-    let mut r = reason.to_string();
-    while r.len() > 123 {
-        r.pop();
-    }
     Message::Close(Some(CloseFrame {
         code,
-        reason: r.into(),
+        reason: crate::browser::conn::close_reason(reason).into(),
     }))
 }
 

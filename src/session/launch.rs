@@ -258,7 +258,7 @@ async fn end(
     reg.metrics
         .sessions_ended
         .get_or_create(&ReasonLabel {
-            reason: format!("{reason:?}").to_lowercase(),
+            reason: reason.name().to_string(),
         })
         .inc();
 

@@ -48,6 +48,11 @@ impl EndReason {
         }
     }
 
+    /// `expired`, `revoked`, … (the event name without its `session.` prefix).
+    pub fn name(self) -> &'static str {
+        self.event().trim_start_matches("session.")
+    }
+
     /// What the agent reads in the websocket close frame.
     pub fn close_reason(self) -> &'static str {
         match self {
