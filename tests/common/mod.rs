@@ -105,18 +105,7 @@ impl Supervisor {
     /// One control API request; returns (status, body).
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let control = chaperone::config::ControlAddr::Unix(self.control.clone());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(chaperone::client::request(
-            &control,
-            None,
-            method,
-            path,
-            body.map(str::to_string),
-        ))
-        .expect("control API request")
+        control_api(&control, None, method, path, body)
     }
 
     /// Creates a session and asserts 201.
@@ -181,6 +170,28 @@ impl Drop for Supervisor {
             let _ = c.wait();
         }
     }
+}
+
+/// One request to a control API at `addr` (blocking); returns (status, body).
+pub fn control_api(
+    addr: &chaperone::config::ControlAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(chaperone::client::request(
+        addr,
+        token,
+        method,
+        path,
+        body.map(str::to_string),
+    ))
+    .expect("control API request")
 }
 
 pub fn read_audit(path: &Path) -> Vec<Value> {
