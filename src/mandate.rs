@@ -38,9 +38,40 @@ pub struct Mandate {
     /// Where the browser may connect. The default allows nothing.
     #[serde(default)]
     pub egress: Egress,
-    /// Credentials the session may use (never hold). See the README: this build refuses them.
+    /// Credentials the session may use (never hold): the supervisor adds them to first-party
+    /// requests for their site and keeps them out of the browser, the agent and every log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<Credential>,
+    /// What happens to a request for a site without a credential that carries `Cookie`,
+    /// `Authorization` or `Proxy-Authorization` headers: stripped (default) or blocked.
+    #[serde(default)]
+    pub unlisted_credentials: UnlistedCredentials,
+    /// What happens when a request carries a held secret somewhere it does not belong: it is
+    /// always failed; `revoke` (default) also ends the session.
+    #[serde(default)]
+    pub on_leak: OnLeak,
+}
+
+/// See [`Mandate::unlisted_credentials`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnlistedCredentials {
+    /// Remove the headers and send the request (audited as `credential.stripped`).
+    #[default]
+    Strip,
+    /// Fail the request (audited as `credential.blocked`).
+    Block,
+}
+
+/// See [`Mandate::on_leak`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLeak {
+    /// Fail the request and revoke the session.
+    #[default]
+    Revoke,
+    /// Fail the request only.
+    Block,
 }
 
 /// The browser's network policy.
@@ -66,8 +97,13 @@ pub struct Egress {
 pub struct Credential {
     /// Name the audit log uses for this credential.
     pub id: String,
-    /// The site (registrable domain) the credential belongs to.
+    /// The site (registrable domain) the credential belongs to; requests to it and its
+    /// subdomains get the credential when they come from a first-party context.
     pub site: String,
+    /// Other sites whose pages may send requests that carry this credential (for example a
+    /// shop whose checkout calls the bank's API). Default: none, only the site itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_initiators: Vec<String>,
     /// Cookies to add to requests for `site`.
     #[serde(default)]
     pub cookies: Vec<CredentialCookie>,
@@ -261,9 +297,7 @@ impl Mandate {
             hosts.insert(key, ip);
         }
 
-        for (i, c) in self.credentials.iter().enumerate() {
-            validate_credential(i, c)?;
-        }
+        validate_credentials(&self.credentials)?;
         if !self.credentials.is_empty() {
             // Fail closed: accepting credentials this build cannot keep out of the browser
             // would hand them to nobody's protection.
@@ -293,50 +327,152 @@ fn parse_net(s: &str) -> Option<IpNet> {
         .map(|n| n.trunc())
 }
 
+/// Shortest secret value a mandate may hold: below it, the leak detector would match ordinary
+/// traffic.
+pub const MIN_SECRET_LEN: usize = crate::broker::leak::MIN_SECRET_LEN;
+
+/// Header names a credential may not carry: the browser or the proxy owns them, or they belong
+/// in `cookies`.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "cookie",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+];
+
+fn validate_credentials(creds: &[Credential]) -> Result<(), MandateError> {
+    let mut ids = std::collections::BTreeSet::new();
+    let mut sites = BTreeMap::new();
+    for (i, c) in creds.iter().enumerate() {
+        validate_credential(i, c)?;
+        if !ids.insert(c.id.as_str()) {
+            return Err(MandateError::new(
+                format!("credentials[{i}].id"),
+                format!("`{}` is used by an earlier credential; ids must be unique", c.id),
+            ));
+        }
+        if let Some(j) = sites.insert(c.site.to_ascii_lowercase(), i) {
+            return Err(MandateError::new(
+                format!("credentials[{i}].site"),
+                format!(
+                    "credentials[{j}] already holds `{}`; put one site's cookies and headers \
+                     into one credential",
+                    c.site
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `name` is a registrable domain (`bank.test`, not `www.bank.test` or `co.uk`).
+fn registrable(field: &str, name: &str) -> Result<(), MandateError> {
+    let Ok(Host::Name(host)) = Host::parse(name) else {
+        return Err(MandateError::new(
+            field,
+            "must be a host name such as example.com",
+        ));
+    };
+    let site = crate::vault::jar::site_of(&host);
+    if site != host || !host.contains('.') {
+        return Err(MandateError::new(
+            field,
+            format!(
+                "`{name}` is not a registrable domain (a site); use `{site}`, which covers \
+                 its subdomains too"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Secret values must survive JSON, headers and cookies byte for byte, so the leak detector
+/// and the gate's scrubber see them exactly as they travel.
+fn check_secret(field: &str, value: &str, allow_space: bool) -> Result<(), MandateError> {
+    if value.len() < MIN_SECRET_LEN {
+        return Err(MandateError::new(
+            field,
+            format!(
+                "is shorter than {MIN_SECRET_LEN} characters; chaperone cannot tell a value \
+                 this short apart from ordinary traffic"
+            ),
+        ));
+    }
+    let bad = |ch: char| {
+        !(ch.is_ascii_graphic() || (allow_space && ch == ' ')) || matches!(ch, '"' | '\\' | ';')
+    };
+    if value.chars().any(bad) {
+        return Err(MandateError::new(
+            field,
+            "may hold only printable ASCII without `\"`, `\\` or `;`",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_credential(i: usize, c: &Credential) -> Result<(), MandateError> {
     let at = |f: &str| format!("credentials[{i}].{f}");
-    if c.id.trim().is_empty() {
-        return Err(MandateError::new(at("id"), "must be a non-empty name"));
-    }
-    if !matches!(Host::parse(&c.site), Ok(Host::Name(_))) {
+    if c.id.trim().is_empty() || c.id.len() > 128 || c.id.chars().any(char::is_control) {
         return Err(MandateError::new(
-            at("site"),
-            "must be a host name such as example.com",
+            at("id"),
+            "must be a non-empty name of at most 128 characters without control characters",
+        ));
+    }
+    registrable(&at("site"), &c.site)?;
+    for (j, s) in c.allowed_initiators.iter().enumerate() {
+        registrable(&at(&format!("allowed_initiators[{j}]")), s)?;
+    }
+    if c.cookies.is_empty() && c.headers.is_empty() {
+        return Err(MandateError::new(
+            at("cookies"),
+            "a credential needs at least one cookie or header",
         ));
     }
     for (j, k) in c.cookies.iter().enumerate() {
         if k.name.is_empty()
             || k.name
                 .chars()
-                .any(|ch| ch.is_control() || ";=, ".contains(ch))
+                .any(|ch| !ch.is_ascii_graphic() || "()<>@,;:\\\"/[]?={}".contains(ch))
         {
             return Err(MandateError::new(
-                format!("credentials[{i}].cookies[{j}].name"),
-                "must be a cookie name without `;`, `=`, `,`, spaces or control characters",
+                at(&format!("cookies[{j}].name")),
+                "must be a cookie name (a token: no spaces, separators or control characters)",
             ));
         }
-        if k.value
-            .expose_secret()
-            .chars()
-            .any(|ch| ch.is_control() || ch == ';')
-        {
-            return Err(MandateError::new(
-                format!("credentials[{i}].cookies[{j}].value"),
-                "must not contain `;` or control characters",
-            ));
+        check_secret(&at(&format!("cookies[{j}].value")), k.value.expose_secret(), false)?;
+        if let Some(path) = &k.path {
+            if !path.starts_with('/') || path.chars().any(|ch| ch.is_control() || ch == ';') {
+                return Err(MandateError::new(
+                    at(&format!("cookies[{j}].path")),
+                    "must start with `/` and hold no `;` or control characters",
+                ));
+            }
         }
     }
-    for name in c.headers.keys() {
+    for (name, value) in &c.headers {
+        let field = at(&format!("headers.{name}"));
         if name.is_empty()
             || !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
         {
+            return Err(MandateError::new(field, format!("`{name}` is not a header name")));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(MandateError::new(
-                format!("credentials[{i}].headers"),
-                format!("`{name}` is not a header name"),
+                field,
+                "chaperone does not inject this header (the browser or the proxy owns it; put \
+                 cookies under `cookies`)",
             ));
         }
+        check_secret(&field, value.expose_secret(), true)?;
     }
     Ok(())
 }

@@ -5,9 +5,11 @@
 //! answer on an agent-owned session; this module holds the decisions, the router the plumbing.
 
 pub mod endpoint;
+pub mod held;
 pub mod policy;
 pub mod scrub;
 
+pub use held::{Held, HeldCell, HeldCookie};
 pub use policy::Refusal;
 
 /// What kind of target a CDP session is attached to. Policy and scrubbing differ per kind: a
