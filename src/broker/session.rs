@@ -52,6 +52,7 @@ pub trait BrokerEvents: Send + Sync + 'static {
 }
 
 /// A running broker. Dropping it does not stop the interception: that ends with the browser.
+#[derive(Clone)]
 pub struct Broker {
     state: Arc<State>,
 }
@@ -218,6 +219,40 @@ impl Broker {
     /// What the gate keeps from agents (kept current by the broker).
     pub fn held(&self) -> Arc<HeldCell> {
         self.state.held.clone()
+    }
+
+    /// The egress proxy's check for traffic Fetch never sees (WebSocket handshakes in
+    /// tunnels, CONNECT host names, Chromium's own requests): whether `material` bound for
+    /// `host` carries a held value that does not belong to `host`'s site. A finding is audited
+    /// and handled like one at the Request stage (`on_leak`).
+    pub fn egress_leak(&self, host: &str, material: &[u8]) -> bool {
+        let finding = {
+            let vault = lock(&self.state.vault);
+            let home = vault.credential_for_site(&site_of(host.trim_matches(['[', ']'])));
+            vault.detector_for(home).and_then(|d| {
+                let f = d.find(material)?;
+                Some((
+                    vault
+                        .owner_of_finding(home, f.secret)
+                        .unwrap_or("?")
+                        .to_string(),
+                    f,
+                ))
+            })
+        };
+        match finding {
+            Some((credential, f)) => {
+                self.state.leak(
+                    host,
+                    &credential,
+                    "egress",
+                    &format!("{:?}", f.encoding),
+                    self.state.on_leak,
+                );
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -205,6 +205,7 @@ async fn launch(
     let observer = Arc::new(SessionEgress {
         reg: reg.clone(),
         session: session.id.clone(),
+        broker: broker.clone(),
     });
     tokio::spawn(egress::serve(
         listener,
@@ -242,9 +243,16 @@ impl BrokerEvents for SessionBroker {
 struct SessionEgress {
     reg: Arc<Registry>,
     session: String,
+    broker: Option<Broker>,
 }
 
 impl EgressObserver for SessionEgress {
+    fn holds_value_in(&self, host: &str, material: &[u8]) -> bool {
+        self.broker
+            .as_ref()
+            .is_some_and(|b| b.egress_leak(host, material))
+    }
+
     fn request(&self, _r: &RequestInfo) {
         self.reg.metrics.egress_requests.inc();
     }
