@@ -86,3 +86,117 @@ fn first_party_requests_arrive_authenticated_and_nothing_else_does() {
     assert!(injected["tokens"][0].as_str().unwrap().starts_with("fp:"));
     sup.wait_audit("credential.withheld", |r| r["host"] == "bank.test");
 }
+
+const SESSION_VALUE: &str = "SECRET-SESSION-5e7a11";
+
+/// A bank whose `/login` sets an HttpOnly session cookie and redirects to `/account`, which
+/// answers "welcome" only with that cookie. Records every request head.
+fn login_bank() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { break };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        log.lock().unwrap().push(head.clone());
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let authed = head.contains(&format!("bank_session={SESSION_VALUE}"));
+                        let resp = match path.as_str() {
+                            "/login" => format!(
+                                "HTTP/1.1 302 Found\r\nSet-Cookie: bank_session={SESSION_VALUE}; HttpOnly; Path=/\r\n\
+                                 Set-Cookie: lang=en; Path=/\r\nLocation: /account\r\nContent-Length: 0\r\n\r\n"
+                            ),
+                            _ => {
+                                let body = if authed { "welcome" } else { "denied" };
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{body}",
+                                    body.len()
+                                )
+                            }
+                        };
+                        if s.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_login_cookie_is_captured_into_the_vault_and_never_reaches_the_browser() {
+    let (port, seen) = login_bank();
+    let sup = Supervisor::start();
+    let s = sup.session(&credential_mandate(&["bank.test"]));
+    let cdp_url = s["cdp_url"].as_str().unwrap().to_string();
+    let (traffic, text, cookies, doc_cookie) =
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mut cdp = Cdp::connect(&cdp_url).await;
+            let page = cdp
+                .open_page(&format!("http://bank.test:{port}/login"))
+                .await;
+            let text = cdp.eval(&page, "document.body.innerText").await;
+            let cookies = cdp.call("Storage.getCookies", json!({}), None).await;
+            let doc_cookie = cdp.eval(&page, "document.cookie").await;
+            (cdp.seen.join("\n"), text, cookies, doc_cookie)
+        });
+    assert_eq!(
+        text, "welcome",
+        "the captured cookie rode on the redirect's target"
+    );
+    assert_eq!(
+        doc_cookie, "",
+        "page script sees no cookie of the credential site"
+    );
+    let cookies = cookies.to_string();
+    assert!(!cookies.contains("bank_session"), "{cookies}");
+    assert!(!cookies.contains(SESSION_VALUE), "{cookies}");
+    assert!(
+        !traffic.contains(SESSION_VALUE),
+        "the agent saw the captured value"
+    );
+    assert_no_secrets("the agent's CDP traffic", &traffic);
+    let audit = std::fs::read_to_string(&sup.audit).unwrap();
+    assert!(!audit.contains(SESSION_VALUE));
+    assert!(!sup.stderr_text().contains(SESSION_VALUE));
+    let captured = sup.wait_audit("credential.captured", |r| r["cookie"] == "bank_session");
+    assert_eq!(captured["credential"], "bank");
+    assert!(captured["token"].as_str().unwrap().starts_with("fp:"));
+    let account = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|h| h.starts_with("GET /account"))
+        .cloned()
+        .unwrap();
+    assert!(
+        account.contains("lang=en"),
+        "non-secret cookies of the site ride too: {account}"
+    );
+    // The session view names credentials, never their values.
+    let (_, view) = sup.api(
+        "GET",
+        &format!("/v1/sessions/{}", s["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(view["credentials"][0]["id"], "bank");
+    assert_no_secrets("the session view", &view.to_string());
+}
