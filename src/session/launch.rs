@@ -228,6 +228,15 @@ struct SessionBroker {
 
 impl BrokerEvents for SessionBroker {
     fn record(&self, event: &'static str, fields: serde_json::Value) {
+        if let Some(kind) = event.strip_prefix("credential.") {
+            self.reg
+                .metrics
+                .credential_events
+                .get_or_create(&crate::metrics::EventLabel {
+                    event: kind.to_string(),
+                })
+                .inc();
+        }
         self.reg
             .audit
             .record_detached(event, Some(&self.session.id), fields);
