@@ -625,15 +625,34 @@ impl Shared {
             return None;
         }
 
-        let empty = Value::Object(serde_json::Map::new());
-        if let Err(refusal) = gate::policy::check(kind, &method, params.as_ref().unwrap_or(&empty))
-        {
-            answer_error(agent, -32000, &refusal.message(&method), None);
-            return Some(Denied {
-                reason: refusal.reason().to_owned(),
-                method,
-            });
+        // TODO(lead): the session's HeldCell replaces this placeholder; audit `checked.dropped`.
+        let held = gate::Held::nothing("/home/chaperone/Downloads");
+        let absent = params.is_none();
+        let mut checked_params = params
+            .take()
+            .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+        let checked = match gate::policy::check(kind, &method, &mut checked_params, &held) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                answer_error(agent, -32000, &refusal.message(&method), None);
+                return Some(Denied {
+                    reason: refusal.reason().to_owned(),
+                    method,
+                });
+            }
+        };
+        if let gate::policy::Verdict::Answer(result) = checked.verdict {
+            let mut w = ObjWriter::with_capacity(64);
+            w.int("id", id);
+            w.raw("result", &result.to_string());
+            if let Some(alias) = &alias {
+                w.string("sessionId", alias);
+            }
+            agent.deliver(w.finish());
+            return None;
         }
+        let untouched = checked_params.as_object().is_some_and(|p| p.is_empty());
+        params = (!(absent && untouched)).then_some(checked_params);
 
         // CDP session ids inside params must be translated like the envelope's. In the Target
         // domain only detachFromTarget takes one; any other Target command carrying one is
@@ -979,7 +998,12 @@ impl Router {
                 let text = result_text.as_deref().unwrap_or(result.get());
                 match serde_json::from_str::<Value>(text) {
                     Ok(mut value) => {
-                        gate::scrub::scrub_reply(kind, method, &mut value);
+                        gate::scrub::scrub_reply(
+                            kind,
+                            method,
+                            &mut value,
+                            &gate::Held::nothing("/home/chaperone/Downloads"),
+                        );
                         result_text = Some(value.to_string());
                     }
                     Err(e) => {
@@ -1152,7 +1176,12 @@ impl Router {
                 let text = params_text.as_deref().unwrap_or(params.get());
                 match serde_json::from_str::<Value>(text) {
                     Ok(mut value) => {
-                        gate::scrub::scrub_event(kind, method, &mut value);
+                        gate::scrub::scrub_event(
+                            kind,
+                            method,
+                            &mut value,
+                            &gate::Held::nothing("/home/chaperone/Downloads"),
+                        );
                         params_text = Some(value.to_string());
                     }
                     Err(e) => {
