@@ -200,3 +200,48 @@ fn a_login_cookie_is_captured_into_the_vault_and_never_reaches_the_browser() {
     assert_eq!(view["credentials"][0]["id"], "bank");
     assert_no_secrets("the session view", &view.to_string());
 }
+
+/// chromiumoxide asks to ignore certificate errors by default; a session holding credentials
+/// refuses that (audited), chromiumoxide carries on, and its requests arrive authenticated.
+#[test]
+fn chromiumoxide_works_in_a_session_holding_credentials() {
+    use futures_util::StreamExt;
+    let bank = Site::start(TEST_PAGE);
+    let sup = Supervisor::start();
+    let s = sup.session(&credential_mandate(&["bank.test"]));
+    let url = s["cdp_url"].as_str().unwrap().to_string();
+    let bank_url = format!("http://bank.test:{}/oxide", bank.port());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let msg = rt.block_on(async move {
+        let run = async {
+            let (browser, mut handler) = chromiumoxide::Browser::connect(url).await?;
+            let h = tokio::spawn(async move { while handler.next().await.is_some() {} });
+            let page = browser.new_page(bank_url.as_str()).await?;
+            page.wait_for_navigation().await?;
+            let msg: String = page
+                .evaluate("document.querySelector('#msg').textContent")
+                .await?
+                .into_value()?;
+            drop(browser);
+            h.abort();
+            Ok::<_, Box<dyn std::error::Error>>(msg)
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), run)
+            .await
+            .expect("chromiumoxide hung")
+            .expect("chromiumoxide failed")
+    });
+    assert_eq!(msg, "hello from site");
+    let got = bank.seen();
+    let oxide = got
+        .split("\n---\n")
+        .find(|r| r.starts_with("GET /oxide"))
+        .expect("the bank got the page request");
+    assert!(
+        oxide.contains(&format!("Bearer {}", FAKE_SECRETS[1])),
+        "{oxide}"
+    );
+    sup.wait_audit("cdp.denied", |r| {
+        r["method"] == "Security.setIgnoreCertificateErrors"
+    });
+}

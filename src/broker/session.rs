@@ -526,6 +526,9 @@ impl State {
             same_site: None,
         };
         if credential_site {
+            if p.get("networkId").is_none() {
+                tracing::info!(%host, frame, main_frame = context.main_frame, "a credential site's request has no network id: deciding without Chromium's same-site verdict");
+            }
             if let Some(nid) = p.get("networkId").and_then(Value::as_str) {
                 self.wait_for(nid, |c| c.same_site.map.contains_key(nid))
                     .await;

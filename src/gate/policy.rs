@@ -223,8 +223,8 @@ fn parameters(method: &str, params: &mut Value, held: &Held) -> Result<Checked, 
 const CERTIFICATES_WHILE_HOLDING: &str =
     "certificate errors cannot be ignored in a session that holds credentials: a site with a \
      bad certificate may be an impostor, and it would receive them. Playwright: drop \
-     ignoreHTTPSErrors; Puppeteer: drop acceptInsecureCerts; chromiumoxide: build the browser \
-     config with respect_https_errors()";
+     ignoreHTTPSErrors; Puppeteer: drop acceptInsecureCerts; chromiumoxide: connect with \
+     Browser::connect_with_config and HandlerConfig { ignore_https_errors: false, .. }";
 
 /// Points every download at the session's files directory: the client's own path means
 /// nothing inside the sandbox (Playwright sends a temporary directory on its machine and fails
