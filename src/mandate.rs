@@ -298,16 +298,6 @@ impl Mandate {
         }
 
         validate_credentials(&self.credentials)?;
-        if !self.credentials.is_empty() {
-            // Fail closed: accepting credentials this build cannot keep out of the browser
-            // would hand them to nobody's protection.
-            return Err(MandateError::new(
-                "credentials",
-                "this build of chaperone cannot inject credentials yet (the credential broker is \
-                 not built); remove them, or upgrade",
-            ));
-        }
-
         Ok(ValidMandate {
             egress: EgressPolicy {
                 allow,
@@ -355,7 +345,10 @@ fn validate_credentials(creds: &[Credential]) -> Result<(), MandateError> {
         if !ids.insert(c.id.as_str()) {
             return Err(MandateError::new(
                 format!("credentials[{i}].id"),
-                format!("`{}` is used by an earlier credential; ids must be unique", c.id),
+                format!(
+                    "`{}` is used by an earlier credential; ids must be unique",
+                    c.id
+                ),
             ));
         }
         if let Some(j) = sites.insert(c.site.to_ascii_lowercase(), i) {
@@ -446,7 +439,11 @@ fn validate_credential(i: usize, c: &Credential) -> Result<(), MandateError> {
                 "must be a cookie name (a token: no spaces, separators or control characters)",
             ));
         }
-        check_secret(&at(&format!("cookies[{j}].value")), k.value.expose_secret(), false)?;
+        check_secret(
+            &at(&format!("cookies[{j}].value")),
+            k.value.expose_secret(),
+            false,
+        )?;
         if let Some(path) = &k.path {
             if !path.starts_with('/') || path.chars().any(|ch| ch.is_control() || ch == ';') {
                 return Err(MandateError::new(
@@ -463,7 +460,10 @@ fn validate_credential(i: usize, c: &Credential) -> Result<(), MandateError> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
         {
-            return Err(MandateError::new(field, format!("`{name}` is not a header name")));
+            return Err(MandateError::new(
+                field,
+                format!("`{name}` is not a header name"),
+            ));
         }
         if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(MandateError::new(
@@ -554,15 +554,88 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_refused_without_echoing_secrets() {
-        let json = r#"{"agent":"a","ttl_secs":5,"credentials":[{"id":"c","site":"bank.test",
+    fn credentials_are_checked_without_echoing_secrets() {
+        let good = r#"{"agent":"a","ttl_secs":5,"on_leak":"block","unlisted_credentials":"block",
+            "credentials":[{"id":"c","site":"bank.test","allowed_initiators":["shop.test"],
             "cookies":[{"name":"sid","value":"SECRET-COOKIE-123"}],"headers":{"Authorization":"Bearer SECRET-TOKEN-456"}}]}"#;
-        let e = check(json).unwrap_err();
-        assert_eq!(e.field, "credentials");
-        let parsed = Mandate::from_json(json).unwrap();
-        let shown = format!("{parsed:?} {} {e}", serde_json::to_string(&parsed).unwrap());
+        let m = check(good).unwrap();
+        assert_eq!(m.source.on_leak, OnLeak::Block);
+        assert_eq!(m.source.unlisted_credentials, UnlistedCredentials::Block);
+        let shown = format!("{m:?} {}", serde_json::to_string(&m.source).unwrap());
         assert!(!shown.contains("SECRET-COOKIE-123"), "{shown}");
         assert!(!shown.contains("SECRET-TOKEN-456"), "{shown}");
+        let defaults = check(r#"{"agent":"a","ttl_secs":5}"#).unwrap();
+        assert_eq!(defaults.source.on_leak, OnLeak::Revoke);
+        assert_eq!(
+            defaults.source.unlisted_credentials,
+            UnlistedCredentials::Strip
+        );
+
+        let cred = |c: &str| format!(r#"{{"agent":"a","ttl_secs":5,"credentials":[{c}]}}"#);
+        for (c, field) in [
+            (
+                r#"{"id":"c","site":"www.bank.test","headers":{"X-K":"SECRET-TOKEN-456"}}"#,
+                "credentials[0].site",
+            ),
+            (
+                r#"{"id":"c","site":"test","headers":{"X-K":"SECRET-TOKEN-456"}}"#,
+                "credentials[0].site",
+            ),
+            (r#"{"id":"c","site":"bank.test"}"#, "credentials[0].cookies"),
+            (
+                r#"{"id":"","site":"bank.test","headers":{"X-K":"SECRET-TOKEN-456"}}"#,
+                "credentials[0].id",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","headers":{"X-K":"short"}}"#,
+                "credentials[0].headers.X-K",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","headers":{"Cookie":"SECRET-TOKEN-456"}}"#,
+                "credentials[0].headers.Cookie",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","headers":{"X-K":"SECRET\u0007TOKEN-456"}}"#,
+                "credentials[0].headers.X-K",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","cookies":[{"name":"s id","value":"SECRET-COOKIE-123"}]}"#,
+                "credentials[0].cookies[0].name",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","cookies":[{"name":"sid","value":"SECRET COOKIE-123"}]}"#,
+                "credentials[0].cookies[0].value",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","cookies":[{"name":"sid","value":"SECRET-COOKIE-123","path":"x"}]}"#,
+                "credentials[0].cookies[0].path",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","allowed_initiators":["*.shop.test"],"headers":{"X-K":"SECRET-TOKEN-456"}}"#,
+                "credentials[0].allowed_initiators[0]",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","headers":{"X-K":"SECRET-TOKEN-456"}},{"id":"c","site":"mail.test","headers":{"X-K":"SECRET-TOKEN-789"}}"#,
+                "credentials[1].id",
+            ),
+            (
+                r#"{"id":"c","site":"bank.test","headers":{"X-K":"SECRET-TOKEN-456"}},{"id":"d","site":"bank.test","headers":{"X-K":"SECRET-TOKEN-789"}}"#,
+                "credentials[1].site",
+            ),
+        ] {
+            let e = check(&cred(c)).unwrap_err();
+            assert_eq!(e.field, field, "{c}: {e}");
+            for secret in [
+                "SECRET-TOKEN-456",
+                "SECRET-COOKIE-123",
+                "SECRET\"TOKEN-456",
+                "SECRET COOKIE-123",
+            ] {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+        }
+        let e = check(r#"{"agent":"a","ttl_secs":5,"on_leak":"ignore"}"#).unwrap_err();
+        assert_eq!(e.field, "on_leak");
     }
 
     #[test]

@@ -13,6 +13,14 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Label for what the credential broker did.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// The audit event without its `credential.` prefix: `injected`, `captured`, `stripped`,
+    /// `blocked`, `withheld`, `exfiltration_blocked`.
+    pub event: String,
+}
+
 /// All of the supervisor's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -32,6 +40,9 @@ pub struct Metrics {
     pub egress_denied: Counter,
     /// CDP messages from agents refused by the gate.
     pub cdp_denied: Counter,
+    /// Credential broker decisions that were audited, by kind (repeats of an injection into
+    /// the same host are coalesced in the audit log and counted once here too).
+    pub credential_events: Family<EventLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -46,6 +57,7 @@ impl Default for Metrics {
             egress_requests: Counter::default(),
             egress_denied: Counter::default(),
             cdp_denied: Counter::default(),
+            credential_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -87,6 +99,11 @@ impl Default for Metrics {
             "cdp_denied",
             "Agent CDP messages refused",
             m.cdp_denied.clone(),
+        );
+        registry.register(
+            "credential_events",
+            "Credential broker decisions recorded in the audit log, by kind",
+            m.credential_events.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,7 +1,9 @@
-//! The credential broker: decisions about what credentials ride on each request. Pure
-//! functions over (request, mandate, jars) where possible, so they can be unit-tested and
-//! fuzzed without a browser; the CDP I/O around them stays thin.
-//!
-//! Built so far: [`leak`], the detector for held secrets in outgoing requests.
+//! The credential broker: decisions about what credentials ride on each request. The decisions
+//! are pure functions over (request, mandate, vault) so they can be unit-tested and fuzzed
+//! without a browser ([`decide`], [`leak`]); the CDP I/O around them is [`session`].
 
+pub mod decide;
 pub mod leak;
+pub mod session;
+
+pub use session::{Broker, BrokerEvents};

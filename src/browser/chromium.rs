@@ -69,8 +69,20 @@ pub fn env() -> Vec<(String, String)> {
 }
 
 /// Machine-wide managed policy, written to the sandbox's own `/etc/chromium`.
-pub fn managed_policy() -> serde_json::Value {
+///
+/// `credential_sites` (registrable domains) get their cookies blocked: the browser stores no
+/// cookie for them, from any response or script, in any browser context, so a session cookie a
+/// credential site sets can only live in the supervisor's vault (measured on Chromium 156:
+/// `Set-Cookie` is not stored, `document.cookie` stays empty, script writes are ignored, and a
+/// `Cookie` header the broker adds still reaches the site). The cost: storage APIs
+/// (localStorage, IndexedDB) throw on those sites.
+pub fn managed_policy(credential_sites: &[String]) -> serde_json::Value {
+    let blocked: Vec<String> = credential_sites
+        .iter()
+        .map(|s| format!("[*.]{s}"))
+        .collect();
     json!({
+        "CookiesBlockedForUrls": blocked,
         "BackgroundModeEnabled": false,
         "MetricsReportingEnabled": false,
         "UrlKeyedAnonymizedDataCollectionEnabled": false,
@@ -150,6 +162,8 @@ mod tests {
 
     #[test]
     fn policy_is_an_object() {
-        assert!(managed_policy().as_object().is_some_and(|m| m.len() > 10));
+        assert!(managed_policy(&[])
+            .as_object()
+            .is_some_and(|m| m.len() > 10));
     }
 }

@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -42,7 +42,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::{ObjWriter, RawObject};
 use super::pipe::{write_frame, FrameReader, MAX_INBOUND_MESSAGE};
-use crate::gate::{self, GateObserver, SessionKind};
+use crate::gate::{self, GateObserver, Held, HeldCell, SessionKind};
+
+/// The directory inside the sandbox that downloads and file uploads are confined to.
+pub const FILES_DIR: &str = "/home/chaperone/Downloads";
 
 /// Largest frame accepted from an agent. Larger frames are refused with `-32000`.
 pub const MAX_AGENT_MESSAGE: usize = 64 * 1024 * 1024;
@@ -193,6 +196,8 @@ impl BrowserConn {
             }),
             closed: CancellationToken::new(),
             events,
+            sink: OnceLock::new(),
+            held: Arc::new(HeldCell::new(Held::nothing(FILES_DIR))),
             pipe_backlog: AtomicUsize::new(0),
         });
         tokio::spawn(write_loop(shared.clone(), sender, pipe_rx));
@@ -273,6 +278,24 @@ impl BrowserConn {
     /// Events on the root session and on sessions no agent owns, in pipe order.
     pub fn supervisor_events(&self) -> broadcast::Receiver<Arc<Value>> {
         self.inner.shared.events.subscribe()
+    }
+
+    /// Delivers the supervisor's events whose method `wanted` accepts to an unbounded channel,
+    /// in pipe order and without loss (unlike [`supervisor_events`](Self::supervisor_events)):
+    /// for the credential broker, which must answer every paused request. Only the first call
+    /// installs a sink; later calls get `None`.
+    pub fn supervisor_sink(
+        &self,
+        wanted: fn(&str) -> bool,
+    ) -> Option<mpsc::UnboundedReceiver<Arc<Value>>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner.shared.sink.set(Sink { wanted, tx }).ok()?;
+        Some(rx)
+    }
+
+    /// What the gate keeps from agents on this connection; the broker updates it.
+    pub fn held(&self) -> Arc<HeldCell> {
+        self.inner.shared.held.clone()
     }
 
     /// Resolves once the pipe is closed (browser exited or crashed, or its stream was invalid).
@@ -394,8 +417,20 @@ impl AgentLink {
 
     /// The next frame for the agent, in order. After a [`ToAgent::Close`] it returns `None`.
     /// Cancel-safe, so it can sit in a `select!` next to the websocket read.
+    ///
+    /// This is the last point before the wire: every text frame is searched for held values
+    /// (raw or encoded) here, outside the router's lock, and any found is replaced.
     pub async fn next_for_agent(&self) -> Option<ToAgent> {
-        self.outbox.recv().await
+        let next = self.outbox.recv().await;
+        match next {
+            Some(ToAgent::Text(text)) => {
+                let held = self.shared.held.get();
+                Some(ToAgent::Text(
+                    gate::scrub::scrub_text(&text, &held).unwrap_or(text),
+                ))
+            }
+            other => other,
+        }
     }
 
     /// Detaches the agent's browser session (`Target.detachFromTarget`), which detaches every
@@ -423,6 +458,8 @@ struct Shared {
     router: Mutex<Router>,
     closed: CancellationToken,
     events: broadcast::Sender<Arc<Value>>,
+    sink: OnceLock<Sink>,
+    held: Arc<HeldCell>,
     /// Bytes queued for the writer and not yet written.
     pipe_backlog: AtomicUsize,
 }
@@ -486,6 +523,12 @@ enum Pending {
         agent: AgentId,
         tx: Option<oneshot::Sender<Result<(), CdpError>>>,
     },
+}
+
+/// See [`BrowserConn::supervisor_sink`].
+struct Sink {
+    wanted: fn(&str) -> bool,
+    tx: mpsc::UnboundedSender<Arc<Value>>,
 }
 
 /// A refused agent request, reported to the [`GateObserver`] outside the router lock.
@@ -768,7 +811,7 @@ impl Shared {
             self.route_answer(&message, id);
         } else if let Some(method) = message.get_str("method") {
             if let Some(event) = self.route_event(&message, &method) {
-                self.to_supervisor(&text, event);
+                self.to_supervisor(&text, &method, event);
             }
         } else {
             tracing::warn!("dropping a message from the browser with neither id nor method");
@@ -891,7 +934,17 @@ impl Shared {
         None
     }
 
-    fn to_supervisor(&self, text: &str, _: SupervisorEvent) {
+    fn to_supervisor(&self, text: &str, method: &str, _: SupervisorEvent) {
+        if let Some(sink) = self.sink.get().filter(|s| (s.wanted)(method)) {
+            match serde_json::from_str::<Value>(text) {
+                Ok(event) => {
+                    let _ = sink.tx.send(Arc::new(event));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, method, "a broker event serde_json cannot represent was dropped")
+                }
+            }
+        }
         if self.events.receiver_count() == 0 {
             return;
         }

@@ -32,6 +32,9 @@ pub enum DenyReason {
     /// The request itself is not something the proxy forwards.
     #[error("bad proxy request: {0}")]
     BadRequest(String),
+    /// The request carries a value the session holds (a credential): an exfiltration attempt.
+    #[error("the request carries a credential chaperone holds for another site")]
+    HeldValue,
     /// The checked address did not accept a connection.
     #[error("could not connect: {0}")]
     ConnectFailed(String),
@@ -46,6 +49,7 @@ impl DenyReason {
             DenyReason::ResolveFailed(_) => "resolve_failed",
             DenyReason::BadRequest(_) => "bad_request",
             DenyReason::ConnectFailed(_) => "connect_failed",
+            DenyReason::HeldValue => "held_value",
         }
     }
 }

@@ -108,6 +108,12 @@ pub trait EgressObserver: Send + Sync + 'static {
     fn request(&self, r: &RequestInfo);
     /// Every refusal, including malformed requests.
     fn denied(&self, d: &Denied);
+    /// Whether `material` (a host name, a plain-http URL, the head of a plaintext request
+    /// inside a tunnel) bound for `host` carries a value the session holds for another site. The proxy refuses such requests
+    /// before resolving the name, so not even a DNS query carries the value out.
+    fn holds_value_in(&self, _host: &str, _material: &[u8]) -> bool {
+        false
+    }
 }
 
 /// Serves the proxy protocol on `listener` under `policy` until `shutdown` is cancelled.
@@ -188,7 +194,9 @@ impl Shared {
         tracing::info!(%kind, host = %target.shown, port = target.port, %reason, "egress refused");
         let status = match reason {
             DenyReason::BadRequest(_) => StatusCode::BAD_REQUEST,
-            DenyReason::NotAllowed | DenyReason::PrivateAddress(_) => StatusCode::FORBIDDEN,
+            DenyReason::NotAllowed | DenyReason::PrivateAddress(_) | DenyReason::HeldValue => {
+                StatusCode::FORBIDDEN
+            }
             DenyReason::ResolveFailed(_) | DenyReason::ConnectFailed(_) => StatusCode::BAD_GATEWAY,
         };
         let body = if target.shown.is_empty() {
@@ -217,6 +225,8 @@ impl Shared {
 struct PendingTunnel {
     upgrade: OnUpgrade,
     upstream: TcpStream,
+    host: String,
+    port: u16,
 }
 
 type TunnelSlot = Arc<Mutex<Option<PendingTunnel>>>;
@@ -262,7 +272,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     }
     let pending = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
     if let Some(tunnel) = pending {
-        run_tunnel(tunnel).await;
+        run_tunnel(tunnel, &shared).await;
     }
 }
 
@@ -281,18 +291,32 @@ async fn connect(
 ) -> Response<ProxyBody> {
     let target = Target::of_connect(req.uri());
     shared.observer.request(&target.info(Kind::Connect));
+    if shared
+        .observer
+        .holds_value_in(&target.shown, target.shown.as_bytes())
+    {
+        return shared.refuse(Kind::Connect, &target, DenyReason::HeldValue);
+    }
     match open_upstream(&shared.policy, &target).await {
         Err(reason) => shared.refuse(Kind::Connect, &target, reason),
         Ok(upstream) => {
             let upgrade = hyper::upgrade::on(&mut req);
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(PendingTunnel { upgrade, upstream });
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(PendingTunnel {
+                upgrade,
+                upstream,
+                host: target.shown.clone(),
+                port: target.port,
+            });
             Response::new(empty_body())
         }
     }
 }
 
-async fn run_tunnel(tunnel: PendingTunnel) {
+/// Longest plaintext request head inspected at the start of a tunnel.
+const MAX_TUNNEL_HEAD: usize = 16 * 1024;
+
+async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upgraded = match tunnel.upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -302,6 +326,43 @@ async fn run_tunnel(tunnel: PendingTunnel) {
     };
     let mut client = TokioIo::new(upgraded);
     let mut upstream = tunnel.upstream;
+    // Chromium tunnels plain ws:// through CONNECT too, and Fetch never sees WebSocket
+    // handshakes: when a tunnel starts with a plaintext `GET` (a handshake, not a TLS hello),
+    // read its head and look at it before anything goes upstream.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_head = async {
+        loop {
+            let n = match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            head.extend_from_slice(&buf[..n]);
+            let may_be_get = b"GET ".starts_with(&head[..head.len().min(4)]);
+            if !may_be_get
+                || head.windows(4).any(|w| w == b"\r\n\r\n")
+                || head.len() >= MAX_TUNNEL_HEAD
+            {
+                return true;
+            }
+        }
+    };
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, read_head).await {
+        Ok(true) => {}
+        Ok(false) | Err(_) => return,
+    }
+    if head.starts_with(b"GET ") && shared.observer.holds_value_in(&tunnel.host, &head) {
+        shared.observer.denied(&Denied {
+            kind: Kind::Connect,
+            host: tunnel.host.clone(),
+            port: tunnel.port,
+            reason: DenyReason::HeldValue,
+        });
+        return;
+    }
+    if upstream.write_all(&head).await.is_err() {
+        return;
+    }
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "egress proxy: tunnel closed"),
         Err(e) => tracing::debug!(error = %e, "egress proxy: tunnel ended"),
@@ -311,6 +372,16 @@ async fn run_tunnel(tunnel: PendingTunnel) {
 async fn forward(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
     let target = Target::of_http(req.uri());
     shared.observer.request(&target.info(Kind::Http));
+    let head_leaks = shared
+        .observer
+        .holds_value_in(&target.shown, req.uri().to_string().as_bytes())
+        || req
+            .headers()
+            .values()
+            .any(|v| shared.observer.holds_value_in(&target.shown, v.as_bytes()));
+    if head_leaks {
+        return shared.refuse(Kind::Http, &target, DenyReason::HeldValue);
+    }
     let upstream = match open_upstream(&shared.policy, &target).await {
         Ok(s) => s,
         Err(reason) => return shared.refuse(Kind::Http, &target, reason),

@@ -45,7 +45,15 @@ struct Recorder {
     denied: Mutex<Vec<Denied>>,
 }
 
+/// What the recorder treats as a held value (the broker's detector in production).
+const HELD: &[u8] = b"HELD-VALUE-4b1d";
+
 impl EgressObserver for Recorder {
+    fn holds_value_in(&self, _host: &str, material: &[u8]) -> bool {
+        material
+            .windows(HELD.len())
+            .any(|w| w.eq_ignore_ascii_case(HELD))
+    }
     fn request(&self, r: &RequestInfo) {
         self.requests.lock().unwrap().push(r.clone());
     }
@@ -913,4 +921,81 @@ async fn connect_failure_is_reported_as_502() {
         "{:?}",
         d[0]
     );
+}
+
+#[tokio::test]
+async fn held_values_never_leave_through_host_names_urls_or_tunnelled_handshakes() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let before = echo.settle().await;
+
+    // A DNS label: refused before any lookup.
+    let mut c = proxy.client().await;
+    c.send(&format!(
+        "CONNECT held-value-4b1d.site.test:{0} HTTP/1.1\r\nHost: held-value-4b1d.site.test:{0}\r\n\r\n",
+        echo.port()
+    ))
+    .await;
+    assert_eq!(c.response().await.status, 403);
+
+    // A plain-http URL.
+    let up = format!("site.test:{}", upstream.port());
+    let mut c = proxy.client().await;
+    c.send(&get(&up, "/?q=HELD-VALUE-4b1d")).await;
+    assert_eq!(c.response().await.status, 403);
+    assert!(upstream.seen().is_empty());
+
+    // A ws:// handshake inside a tunnel: the tunnel opens, the head never reaches upstream.
+    let mut c = proxy.client().await;
+    let target = format!("site.test:{}", echo.port());
+    c.send(&format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(c.response().await.status, 200);
+    c.send("GET /socket?HELD-VALUE-4b1d HTTP/1.1\r\nHost: site.test\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    // The proxy closes the tunnel; the echo server never had anything to send back.
+    let after_response = c.buf.len();
+    while c.fill().await > 0 {}
+    assert_eq!(
+        c.buf.len(),
+        after_response,
+        "nothing came back through the tunnel"
+    );
+    echo.wait_closed(2).await;
+    // Accepted since `before`: the first settle's own connection and the tunnel's.
+    assert_eq!(
+        echo.settle().await,
+        before + 2,
+        "the tunnel reached the echo server"
+    );
+
+    // A harmless handshake and a TLS-looking tunnel pass untouched.
+    let mut c = proxy.client().await;
+    c.send(&format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(c.response().await.status, 200);
+    let hello = "GET /socket HTTP/1.1\r\nHost: site.test\r\n\r\n";
+    c.send(hello).await;
+    assert_eq!(c.read_exactly(hello.len()).await, hello.as_bytes());
+    let mut c = proxy.client().await;
+    c.send(&format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(c.response().await.status, 200);
+    c.send("\u{16}\u{3}\u{1}hello").await;
+    assert_eq!(c.read_exactly(8).await, b"\x16\x03\x01hello");
+
+    let denied: Vec<_> = proxy
+        .recorder
+        .denied()
+        .into_iter()
+        .filter(|d| d.reason == DenyReason::HeldValue)
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:?}");
 }

@@ -79,14 +79,16 @@ impl Held {
     pub fn is_credential_host(&self, host: &str) -> bool {
         let host = host.trim_start_matches('.');
         let site = crate::vault::jar::site_of(host);
-        self.sites.iter().any(|s| *s == site)
+        self.sites.contains(&site)
     }
 
     /// Whether a cookie named `name` for `domain` (as CDP reports it, e.g. `.bank.test` or
     /// `www.bank.test`) is held.
     pub fn is_held_cookie(&self, domain: &str, name: &str) -> bool {
         let site = crate::vault::jar::site_of(domain.trim_start_matches('.'));
-        self.cookies.iter().any(|c| c.site == site && c.name == name)
+        self.cookies
+            .iter()
+            .any(|c| c.site == site && c.name == name)
     }
 
     /// The directory downloads and file uploads are confined to.

@@ -50,3 +50,23 @@ pub fn reply_needs_scrub(_kind: SessionKind, method: &str) -> bool {
 /// Removes credential material from the `result` of an answer before it reaches an agent.
 /// Currently a no-op: scrubbing is the next issue.
 pub fn scrub_reply(_kind: SessionKind, _method: &str, _result: &mut Value) {}
+
+/// Replaces held values in a frame bound for the agent; `None` when there is nothing to
+/// replace. (Minimal version; the full scrubber replaces this.)
+pub fn scrub_text(text: &str, held: &super::Held) -> Option<String> {
+    let detector = held.detector()?;
+    detector.find(text.as_bytes())?;
+    let mut value: Value = serde_json::from_str(text).ok()?;
+    fn walk(v: &mut Value, d: &crate::broker::leak::LeakDetector) {
+        match v {
+            Value::String(s) if d.find(s.as_bytes()).is_some() => {
+                *s = "[held by chaperone]".into();
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, d)),
+            Value::Object(o) => o.values_mut().for_each(|x| walk(x, d)),
+            _ => {}
+        }
+    }
+    walk(&mut value, detector);
+    Some(value.to_string())
+}

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use super::{BrowserInfo, EndReason, Registry, Session, State};
+use crate::broker::{Broker, BrokerEvents};
 use crate::browser::{chromium, BrowserConn};
 use crate::egress::{self, Denied, EgressObserver, RequestInfo};
 use crate::metrics::ReasonLabel;
@@ -99,7 +100,15 @@ async fn launch(
         .iter()
         .filter_map(|l| l.parse::<sandbox::Layer>().ok())
         .collect();
-    let policy = serde_json::to_vec_pretty(&chromium::managed_policy()).unwrap_or_default();
+    let credential_sites: Vec<String> = session
+        .mandate
+        .source
+        .credentials
+        .iter()
+        .map(|c| crate::vault::jar::site_of(&c.site))
+        .collect();
+    let policy =
+        serde_json::to_vec_pretty(&chromium::managed_policy(&credential_sites)).unwrap_or_default();
     let spec = sandbox::Spec {
         name: format!("chaperone-{}", session.id),
         program: cfg.browser.path.clone(),
@@ -146,15 +155,32 @@ async fn launch(
     // the agent does not wait for it after the session is announced.
     let observer: Arc<dyn crate::gate::GateObserver> =
         Arc::new(crate::gate::AuditGate::new(reg.clone(), session.id.clone()));
+    let broker_events: Arc<dyn BrokerEvents> = Arc::new(SessionBroker {
+        reg: reg.clone(),
+        session: session.clone(),
+    });
     let first = async {
         tokio::join!(
             conn.execute(GetVersionParams::default(), None),
-            conn.attach_agent(&session.mandate.source.agent, observer)
+            conn.attach_agent(&session.mandate.source.agent, observer),
+            Broker::start(
+                &conn,
+                &session.mandate,
+                reg.fingerprints.clone(),
+                broker_events,
+                cfg.browser.launch_timeout,
+            )
         )
     };
-    let (version, spare) = match tokio::time::timeout(cfg.browser.launch_timeout, first).await {
-        Ok((v, spare)) => (Ok(v), spare.ok()),
-        Err(e) => (Err(e), None),
+    let (version, spare, broker) =
+        match tokio::time::timeout(cfg.browser.launch_timeout, first).await {
+            Ok((v, spare, broker)) => (Ok(v), spare.ok(), broker),
+            Err(e) => (Err(e), None, Ok(None)),
+        };
+    // Fail closed: credentials without a confirmed interception would ride on nothing.
+    let broker = match broker {
+        Ok(b) => b,
+        Err(e) => return Err(with(format!("credential broker: {e}"), handle)),
     };
     let version = match version {
         Ok(Ok(v)) => serde_json::to_value(&v).unwrap_or_default(),
@@ -179,6 +205,7 @@ async fn launch(
     let observer = Arc::new(SessionEgress {
         reg: reg.clone(),
         session: session.id.clone(),
+        broker: broker.clone(),
     });
     tokio::spawn(egress::serve(
         listener,
@@ -187,16 +214,54 @@ async fn launch(
         session.ending.clone(),
     ));
     let degraded = handle.degraded.iter().map(|l| l.to_string()).collect();
+    if broker.is_some() {
+        tracing::info!(session = %session.id, "credential interception confirmed");
+    }
     Ok((BrowserInfo::new(conn, version, degraded, spare), handle))
+}
+
+/// Audits the broker's decisions and ends the session when it catches a leak.
+struct SessionBroker {
+    reg: Arc<Registry>,
+    session: Arc<Session>,
+}
+
+impl BrokerEvents for SessionBroker {
+    fn record(&self, event: &'static str, fields: serde_json::Value) {
+        if let Some(kind) = event.strip_prefix("credential.") {
+            self.reg
+                .metrics
+                .credential_events
+                .get_or_create(&crate::metrics::EventLabel {
+                    event: kind.to_string(),
+                })
+                .inc();
+        }
+        self.reg
+            .audit
+            .record_detached(event, Some(&self.session.id), fields);
+    }
+
+    fn revoke(&self, reason: &str) {
+        tracing::warn!(session = %self.session.id, reason, "revoking the session (on_leak = \"revoke\")");
+        self.session.request_end(EndReason::Anomaly);
+    }
 }
 
 /// Audits what the proxy refuses and counts what it sees.
 struct SessionEgress {
     reg: Arc<Registry>,
     session: String,
+    broker: Option<Broker>,
 }
 
 impl EgressObserver for SessionEgress {
+    fn holds_value_in(&self, host: &str, material: &[u8]) -> bool {
+        self.broker
+            .as_ref()
+            .is_some_and(|b| b.egress_leak(host, material))
+    }
+
     fn request(&self, _r: &RequestInfo) {
         self.reg.metrics.egress_requests.inc();
     }

@@ -238,6 +238,16 @@ impl Session {
                 "private_networks": self.mandate.source.egress.private_networks,
                 "hosts": self.mandate.source.egress.hosts,
             },
+            // Names and sites only: values never leave the vault.
+            "credentials": self.mandate.source.credentials.iter().map(|c| serde_json::json!({
+                "id": c.id,
+                "site": c.site,
+                "allowed_initiators": c.allowed_initiators,
+                "cookies": c.cookies.iter().map(|k| &k.name).collect::<Vec<_>>(),
+                "headers": c.headers.keys().collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "unlisted_credentials": self.mandate.source.unlisted_credentials,
+            "on_leak": self.mandate.source.on_leak,
         })
     }
 }

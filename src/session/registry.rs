@@ -45,6 +45,8 @@ pub struct Registry {
     pub(super) cfg: Arc<Config>,
     pub(super) audit: Audit,
     pub(super) metrics: Arc<Metrics>,
+    /// Keys the fingerprints that name held values in audit records; random per supervisor.
+    pub(super) fingerprints: crate::vault::FingerprintKey,
     urls: AgentUrls,
     inner: Mutex<Inner>,
     tasks: TaskTracker,
@@ -66,6 +68,7 @@ impl Registry {
             cfg,
             audit,
             metrics,
+            fingerprints: crate::vault::FingerprintKey::random(),
             urls,
             inner: Mutex::new(Inner::default()),
             tasks: TaskTracker::new(),

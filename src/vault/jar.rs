@@ -86,17 +86,63 @@ impl SiteJar {
         Ok(self.values.last().expect("just pushed"))
     }
 
+    /// Holds a cookie given by the mandate (not received from a response): host-wide on the
+    /// jar's site and its subdomains.
+    pub fn hold(
+        &mut self,
+        name: &str,
+        value: Secret,
+        path: &str,
+        secure: bool,
+        http_only: bool,
+    ) -> Result<(), JarError> {
+        let raw = RawCookie::build((name.to_string(), format!("h{}", self.values.len())))
+            .domain(self.site.clone())
+            .path(path.to_string())
+            .secure(secure)
+            .http_only(http_only)
+            .build();
+        let origin = Url::parse(&format!("https://{}/", self.site))
+            .map_err(|e| JarError::Refused(e.to_string()))?;
+        self.store
+            .insert_raw(&raw, &origin)
+            .map_err(|e| JarError::Refused(e.to_string()))?;
+        self.values.push(value);
+        Ok(())
+    }
+
+    /// Names of every cookie in the jar, whatever its path or subdomain.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .store
+            .iter_any()
+            .map(|c| c.name().to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The `Cookie` header value this jar adds to a request for `url`, if any.
     pub fn cookie_header(&self, url: &Url) -> Option<String> {
         let pairs: Vec<String> = self
-            .store
+            .request_cookies(url)
+            .map(|(name, s)| format!("{name}={}", s.expose()))
+            .collect();
+        (!pairs.is_empty()).then(|| pairs.join("; "))
+    }
+
+    /// The cookies (name and held value) that ride on a request for `url`.
+    pub fn request_cookies<'a>(
+        &'a self,
+        url: &'a Url,
+    ) -> impl Iterator<Item = (&'a str, &'a Secret)> + 'a {
+        self.store
             .get_request_values(url)
             .filter_map(|(name, handle)| {
                 let i: usize = handle.strip_prefix('h')?.parse().ok()?;
-                Some(format!("{name}={}", self.values.get(i)?.expose()))
+                Some((name, self.values.get(i)?))
             })
-            .collect();
-        (!pairs.is_empty()).then(|| pairs.join("; "))
     }
 
     /// Names of the cookies held for requests to `url` (what the gate must hide from the

@@ -2,12 +2,20 @@
 //! `Debug` and `Display` show a keyed fingerprint, which is also how the audit log names a
 //! token (AG-120 4.6: token identifiers, not token values).
 //!
-//! Built so far: the secret type, its fingerprint, and the per-site cookie jar ([`jar`]). The
-//! broker that fills and uses the jars comes next.
+//! A [`Vault`] holds one session's credentials: per credential its headers and a cookie jar
+//! for its site ([`jar`]), filled from the mandate and from the site's own `Set-Cookie`
+//! responses. The broker reads it for every request; nothing else sees a value.
 
 pub mod jar;
 
 use std::fmt;
+
+use url::Url;
+
+use crate::broker::leak::{LeakDetector, MIN_SECRET_LEN};
+use crate::gate::{Held, HeldCookie};
+use crate::mandate::Credential;
+use jar::{site_of, JarError, SiteJar};
 
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
@@ -76,6 +84,216 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.fingerprint)
     }
+}
+
+/// One credential as the vault holds it.
+pub struct HeldCredential {
+    /// The mandate's id for it (what the audit log names).
+    pub id: String,
+    /// Its site (registrable domain).
+    pub site: String,
+    /// Sites (registrable domains) whose pages may send requests that carry it.
+    pub initiators: Vec<String>,
+    headers: Vec<(String, Secret)>,
+    jar: SiteJar,
+}
+
+impl HeldCredential {
+    /// The headers to add (name as the mandate wrote it).
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &Secret)> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// The credential's cookie jar.
+    pub fn jar(&self) -> &SiteJar {
+        &self.jar
+    }
+
+    /// Every value held for this credential.
+    fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        self.headers
+            .iter()
+            .map(|(_, v)| v)
+            .chain(self.jar.secrets())
+    }
+}
+
+/// A session's credentials. Built from the mandate once, then grown only by cookies the
+/// credential sites set; dropped (and zeroized) with the session.
+pub struct Vault {
+    key: FingerprintKey,
+    creds: Vec<HeldCredential>,
+    /// `detectors[i]`: the values that must not travel to credential `i`'s site (everyone
+    /// else's); `detectors[creds.len()]`: every value, for any other destination.
+    detectors: Vec<Option<(LeakDetector, Vec<usize>)>>,
+}
+
+impl Vault {
+    /// Takes the mandate's credentials in (validated already: one credential per site).
+    pub fn new(credentials: &[Credential], key: FingerprintKey) -> Result<Vault, JarError> {
+        use secrecy::ExposeSecret;
+        let mut creds = Vec::with_capacity(credentials.len());
+        for c in credentials {
+            let site = site_of(&c.site);
+            let mut jar = SiteJar::new(&site);
+            for k in &c.cookies {
+                let value = Secret::new(k.value.expose_secret().to_string().into(), &key);
+                jar.hold(
+                    &k.name,
+                    value,
+                    k.path.as_deref().unwrap_or("/"),
+                    k.secure.unwrap_or(true),
+                    k.http_only.unwrap_or(true),
+                )?;
+            }
+            let headers = c
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    let value = Secret::new(v.expose_secret().to_string().into(), &key);
+                    (n.clone(), value)
+                })
+                .collect();
+            creds.push(HeldCredential {
+                id: c.id.clone(),
+                site,
+                initiators: c.allowed_initiators.iter().map(|s| site_of(s)).collect(),
+                headers,
+                jar,
+            });
+        }
+        let mut vault = Vault {
+            key,
+            creds,
+            detectors: Vec::new(),
+        };
+        vault.rebuild();
+        Ok(vault)
+    }
+
+    /// Whether the mandate gave any credential.
+    pub fn is_empty(&self) -> bool {
+        self.creds.is_empty()
+    }
+
+    /// The credentials, in mandate order.
+    pub fn credentials(&self) -> &[HeldCredential] {
+        &self.creds
+    }
+
+    /// Index of the credential for `site` (a registrable domain).
+    pub fn credential_for_site(&self, site: &str) -> Option<usize> {
+        self.creds.iter().position(|c| c.site == site)
+    }
+
+    /// The detector for material travelling to credential `home`'s site (`None`: to any other
+    /// site). It finds every held value that does not belong there; `None` when there is none.
+    pub fn detector_for(&self, home: Option<usize>) -> Option<&LeakDetector> {
+        self.detectors
+            .get(home.unwrap_or(self.creds.len()))
+            .and_then(Option::as_ref)
+            .map(|(d, _)| d)
+    }
+
+    /// The id of the credential whose value a finding of `detector_for(home)` (index
+    /// `secret`) is.
+    pub fn owner_of_finding(&self, home: Option<usize>, secret: usize) -> Option<&str> {
+        let (_, owners) = self
+            .detectors
+            .get(home.unwrap_or(self.creds.len()))?
+            .as_ref()?;
+        let i = *owners.get(secret)?;
+        self.creds.get(i).map(|c| c.id.as_str())
+    }
+
+    /// Takes a `Set-Cookie` header received from `url` into credential `cred`'s jar.
+    /// Returns the held value's fingerprint and the cookie's name.
+    pub fn capture(
+        &mut self,
+        cred: usize,
+        set_cookie: &str,
+        url: &Url,
+    ) -> Result<(String, String), JarError> {
+        let c = self
+            .creds
+            .get_mut(cred)
+            .ok_or_else(|| JarError::Refused("no such credential".into()))?;
+        let name = set_cookie
+            .split(';')
+            .next()
+            .and_then(|p| p.split_once('='))
+            .map(|(n, _)| n.trim().to_string())
+            .unwrap_or_default();
+        let fp = c
+            .jar
+            .capture(set_cookie, url, &self.key)?
+            .fingerprint()
+            .to_string();
+        self.rebuild();
+        Ok((fp, name))
+    }
+
+    /// The gate's view: every detectable value, the held cookies, the sites.
+    pub fn held(&self, files_dir: &str) -> Held {
+        let mut values = Vec::new();
+        let mut cookies = Vec::new();
+        for c in &self.creds {
+            values.extend(c.secrets().filter(detectable).flat_map(forms));
+            cookies.extend(c.jar.names().into_iter().map(|name| HeldCookie {
+                site: c.site.clone(),
+                name,
+            }));
+        }
+        let sites = self.creds.iter().map(|c| c.site.clone()).collect();
+        Held::new(&values, cookies, sites, files_dir)
+    }
+
+    fn rebuild(&mut self) {
+        let n = self.creds.len();
+        self.detectors = (0..=n)
+            .map(|home| {
+                let mut values = Vec::new();
+                let mut owners = Vec::new();
+                for (i, c) in self.creds.iter().enumerate().filter(|(i, _)| *i != home) {
+                    for form in c.secrets().filter(detectable).flat_map(forms) {
+                        values.push(form);
+                        owners.push(i);
+                    }
+                }
+                (!values.is_empty()).then(|| (LeakDetector::new(&values), owners))
+            })
+            .collect();
+    }
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault")
+            .field(
+                "credentials",
+                &self.creds.iter().map(|c| &c.id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Values shorter than the detector's minimum (a captured `lang=en`) are held and injected
+/// but not searched for: they would match ordinary traffic.
+fn detectable(s: &&Secret) -> bool {
+    s.expose().len() >= MIN_SECRET_LEN
+}
+
+/// The forms of a value the gate scrubs: the value, and the token of `Scheme token` values
+/// (`Bearer abc…`), so the bare token is caught as well.
+fn forms(s: &Secret) -> Vec<&str> {
+    let v = s.expose();
+    let mut out = vec![v];
+    if let Some((_, token)) = v.split_once(' ') {
+        if token.len() >= MIN_SECRET_LEN {
+            out.push(token);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

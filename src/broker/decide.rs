@@ -1,0 +1,633 @@
+//! The per-request decision: what credentials ride on a request the browser is about to send.
+//!
+//! Pure: a [`Request`] as the Fetch Request stage shows it (plus what the broker knows about
+//! the frame that sent it) and the session's [`Vault`] in, a [`Decision`] out. The CDP I/O
+//! around it lives in the broker's session task.
+//!
+//! The order matters and is fixed:
+//! 1. the leak check over URL (host labels included), headers and body, against every held
+//!    value that does not belong to the destination's site;
+//! 2. for a credential's site: injection, if the request comes from a first-party context;
+//! 3. for any other site: `Cookie`, `Authorization` and `Proxy-Authorization` stripped or
+//!    blocked, as the mandate says.
+
+use url::Url;
+
+use crate::broker::leak::{Encoding, LeakDetector};
+use crate::mandate::UnlistedCredentials;
+use crate::vault::jar::site_of;
+use crate::vault::Vault;
+
+/// Request headers that carry authentication material.
+pub const AUTH_HEADERS: &[&str] = &["cookie", "authorization", "proxy-authorization"];
+
+/// What the broker knows about the context a request was sent from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Fetch's `resourceType` is `Document` (a navigation of a frame or of a page).
+    pub document: bool,
+    /// The request belongs to a page's main frame (its `frameId` is a page target's id).
+    pub main_frame: bool,
+    /// Chromium's own verdict (`Network.requestWillBeSent` `request.isSameSite`): whether the
+    /// request is same-site with the top-level page, the rule SameSite cookies follow. `None`
+    /// when the broker could not correlate the request with that event.
+    pub same_site: Option<bool>,
+}
+
+/// A request paused at the Fetch Request stage.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    /// The URL, fragment excluded.
+    pub url: &'a Url,
+    /// The HTTP method.
+    pub method: &'a str,
+    /// The headers as Fetch shows them (the browser adds its own cookies later).
+    pub headers: &'a [(String, String)],
+    /// The body bytes Fetch could show (`postDataEntries`).
+    pub body: &'a [u8],
+    /// Where it came from.
+    pub context: Context,
+}
+
+/// Where a held value was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// In the URL (path, query, userinfo).
+    Url,
+    /// In the host name (a DNS label).
+    Host,
+    /// In the named header.
+    Header(String),
+    /// In the body.
+    Body,
+}
+
+impl Location {
+    /// A short name for audit records: `url`, `host`, `header:<name>`, `body`.
+    pub fn name(&self) -> String {
+        match self {
+            Location::Url => "url".into(),
+            Location::Host => "host".into(),
+            Location::Header(h) => format!("header:{}", h.to_ascii_lowercase()),
+            Location::Body => "body".into(),
+        }
+    }
+}
+
+/// Credentials that rode on a request, for the audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Injected {
+    /// Index of the credential in the vault.
+    pub credential: usize,
+    /// Fingerprints of the values added (cookies and headers), sorted.
+    pub tokens: Vec<String>,
+}
+
+/// The broker's answer for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send it; with `headers`, replace the request's headers by these.
+    Continue {
+        /// The full new header list, or `None` to leave the request untouched.
+        headers: Option<Vec<(String, String)>>,
+        /// Credentials added.
+        injected: Option<Injected>,
+        /// Authentication headers removed from a request to a site without a credential.
+        stripped: Vec<String>,
+        /// A credential's site was requested from a context that may not use it.
+        withheld: Option<usize>,
+    },
+    /// Fail it: it carries authentication headers to a site without a credential and the
+    /// mandate says `unlisted_credentials = "block"`.
+    Block {
+        /// The headers at fault (names only).
+        headers: Vec<String>,
+    },
+    /// Fail it: it carries a held value where it does not belong.
+    Exfiltration {
+        /// The id of the credential whose value it is.
+        credential: String,
+        /// Where it was found.
+        location: Location,
+        /// How it was encoded.
+        encoding: Encoding,
+    },
+}
+
+/// Decides `req` against `vault` under the mandate's `unlisted` rule.
+pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -> Decision {
+    let host = req.url.host_str().unwrap_or("");
+    let site = site_of(host.trim_start_matches('[').trim_end_matches(']'));
+    let home = vault.credential_for_site(&site);
+
+    if let Some(detector) = vault.detector_for(home) {
+        if let Some((location, finding)) = find_leak(detector, req) {
+            let credential = vault
+                .owner_of_finding(home, finding.secret)
+                .unwrap_or("?")
+                .to_string();
+            return Decision::Exfiltration {
+                credential,
+                location,
+                encoding: finding.encoding,
+            };
+        }
+    }
+
+    let Some(cred_index) = home else {
+        let auth: Vec<String> = req
+            .headers
+            .iter()
+            .filter(|(n, _)| is_auth_header(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if auth.is_empty() {
+            return Decision::Continue {
+                headers: None,
+                injected: None,
+                stripped: Vec::new(),
+                withheld: None,
+            };
+        }
+        return match unlisted {
+            UnlistedCredentials::Block => Decision::Block { headers: auth },
+            UnlistedCredentials::Strip => Decision::Continue {
+                headers: Some(
+                    req.headers
+                        .iter()
+                        .filter(|(n, _)| !is_auth_header(n))
+                        .cloned()
+                        .collect(),
+                ),
+                injected: None,
+                stripped: auth,
+                withheld: None,
+            },
+        };
+    };
+
+    let cred = &vault.credentials()[cred_index];
+    if !first_party(req, &cred.site, &cred.initiators) {
+        return Decision::Continue {
+            headers: None,
+            injected: None,
+            stripped: Vec::new(),
+            withheld: Some(cred_index),
+        };
+    }
+
+    let mut tokens = Vec::new();
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(req.headers.len() + 2);
+    let held_names: Vec<&str> = cred.headers().map(|(n, _)| n).collect();
+    let jar_cookies: Vec<(&str, &crate::vault::Secret)> =
+        cred.jar().request_cookies(req.url).collect();
+    // The browser's own cookies for a credential site are blocked, so a `Cookie` header seen
+    // here was set by the page or the agent: keep its pairs that do not collide with held
+    // ones (the header the broker sets replaces the browser's cookies for this request).
+    let mut cookie_pairs: Vec<String> = Vec::new();
+    for (name, value) in req.headers {
+        if name.eq_ignore_ascii_case("cookie") {
+            for pair in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+                let pname = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+                if !jar_cookies.iter().any(|(n, _)| *n == pname) {
+                    cookie_pairs.push(pair.to_string());
+                }
+            }
+        } else if !held_names.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            headers.push((name.clone(), value.clone()));
+        }
+    }
+    for (name, secret) in &jar_cookies {
+        cookie_pairs.push(format!("{name}={}", secret.expose()));
+        tokens.push(secret.fingerprint().to_string());
+    }
+    if !cookie_pairs.is_empty() {
+        headers.push(("Cookie".to_string(), cookie_pairs.join("; ")));
+    }
+    for (name, secret) in cred.headers() {
+        headers.push((name.to_string(), secret.expose().to_string()));
+        tokens.push(secret.fingerprint().to_string());
+    }
+    if tokens.is_empty() {
+        // Nothing held applies to this URL (say, a Secure cookie over http).
+        return Decision::Continue {
+            headers: None,
+            injected: None,
+            stripped: Vec::new(),
+            withheld: None,
+        };
+    }
+    tokens.sort();
+    tokens.dedup();
+    Decision::Continue {
+        headers: Some(headers),
+        injected: Some(Injected {
+            credential: cred_index,
+            tokens,
+        }),
+        stripped: Vec::new(),
+        withheld: None,
+    }
+}
+
+fn is_auth_header(name: &str) -> bool {
+    AUTH_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+fn find_leak(
+    detector: &LeakDetector,
+    req: &Request<'_>,
+) -> Option<(Location, crate::broker::leak::Finding)> {
+    if let Some(host) = req.url.host_str() {
+        // Host labels arrive punycoded or dotted: look at the labels joined too, so a secret
+        // split across labels (`SECRET-CO.OKIE-7d1f0c.evil.test`) is still found.
+        let joined: String = host.split('.').collect();
+        if let Some(f) = detector
+            .find(host.as_bytes())
+            .or_else(|| detector.find(joined.as_bytes()))
+        {
+            return Some((Location::Host, f));
+        }
+    }
+    if let Some(f) = detector.find(req.url.as_str().as_bytes()) {
+        return Some((Location::Url, f));
+    }
+    for (name, value) in req.headers {
+        if let Some(f) = detector
+            .find(value.as_bytes())
+            .or_else(|| detector.find(name.as_bytes()))
+        {
+            return Some((Location::Header(name.clone()), f));
+        }
+    }
+    if !req.body.is_empty() {
+        if let Some(f) = detector.find(req.body) {
+            return Some((Location::Body, f));
+        }
+    }
+    None
+}
+
+/// Whether `req` comes from a context that may use a credential for `site`: the top-level page
+/// is on that site, or the request's initiator is one of `initiators`.
+///
+/// Chromium's `isSameSite` is the top-level test (it is what SameSite cookies follow); it is
+/// true for every main-frame navigation, so a navigation with an unsafe method also needs an
+/// acceptable `Origin` (a cross-site form POST is the classic CSRF). Top-level navigations with
+/// safe methods are first-party, as for `SameSite=Lax` cookies: the response goes to a page of
+/// the site itself, which the initiator cannot read.
+pub fn first_party(req: &Request<'_>, site: &str, initiators: &[String]) -> bool {
+    let allowed = |s: &str| s == site || initiators.iter().any(|i| i == s);
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let site_of_url = |v: &str| {
+        Url::parse(v)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| site_of(h.trim_matches(['[', ']']))))
+    };
+    let origin = header("origin");
+    let origin_site = match origin {
+        // An opaque origin (sandboxed frame, data: document) vouches for nothing.
+        Some("null") => return false,
+        Some(o) => match site_of_url(o) {
+            Some(s) => Some(s),
+            None => return false,
+        },
+        None => None,
+    };
+    if let Some(o) = &origin_site {
+        if !allowed(o) {
+            return false;
+        }
+    }
+    let initiator = origin_site.or_else(|| header("referer").and_then(site_of_url));
+    let safe = matches!(
+        req.method.to_ascii_uppercase().as_str(),
+        "GET" | "HEAD" | "OPTIONS"
+    );
+    match req.context.same_site {
+        Some(true) => true,
+        // The top-level page is on another site: only a listed initiator's own document may
+        // send it (a framed copy of the site itself may not).
+        Some(false) => initiator.is_some_and(|i| i != site && initiators.contains(&i)),
+        // Not correlated: only what needs no knowledge of the top-level page.
+        None => {
+            (req.context.document && req.context.main_frame && safe)
+                || (req.context.main_frame && initiator.is_some_and(|i| allowed(&i)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mandate::Mandate;
+    use crate::vault::FingerprintKey;
+
+    const COOKIE: &str = "SECRET-COOKIE-7d1f0c";
+    const TOKEN: &str = "SECRET-TOKEN-93ab2e";
+
+    pub(crate) fn vault() -> Vault {
+        let m = Mandate::from_json(&format!(
+            r#"{{"agent":"a","ttl_secs":60,"credentials":[
+              {{"id":"bank","site":"bank.test","allowed_initiators":["shop.test"],
+                "cookies":[{{"name":"sid","value":"{COOKIE}","secure":false}}],
+                "headers":{{"Authorization":"Bearer {TOKEN}"}}}},
+              {{"id":"mail","site":"mail.test","headers":{{"X-Api-Key":"MAILKEY-0123456789"}}}}]}}"#
+        ))
+        .unwrap();
+        Vault::new(&m.credentials, FingerprintKey::random()).unwrap()
+    }
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    fn same_site() -> Context {
+        Context {
+            document: false,
+            main_frame: true,
+            same_site: Some(true),
+        }
+    }
+
+    fn req<'a>(u: &'a Url, headers: &'a [(String, String)], ctx: Context) -> Request<'a> {
+        Request {
+            url: u,
+            method: "GET",
+            headers,
+            body: b"",
+            context: ctx,
+        }
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn first_party_requests_get_cookies_and_headers() {
+        let v = vault();
+        let u = url("http://www.bank.test/account");
+        let hs = h(&[("Accept", "*/*"), ("Cookie", "theme=dark; sid=forged")]);
+        let Decision::Continue {
+            headers: Some(out),
+            injected: Some(inj),
+            ..
+        } = decide(&req(&u, &hs, same_site()), &v, UnlistedCredentials::Strip)
+        else {
+            panic!("not injected");
+        };
+        assert_eq!(inj.credential, 0);
+        assert_eq!(inj.tokens.len(), 2);
+        let cookie = &out.iter().find(|(n, _)| n == "Cookie").unwrap().1;
+        assert_eq!(cookie, &format!("theme=dark; sid={COOKIE}"));
+        assert!(out
+            .iter()
+            .any(|(n, v)| n == "Authorization" && v == &format!("Bearer {TOKEN}")));
+        assert!(out.iter().any(|(n, _)| n == "Accept"));
+    }
+
+    #[test]
+    fn cross_site_contexts_get_nothing() {
+        let v = vault();
+        let u = url("http://bank.test/transfer");
+        // An image or fetch from the attacker's page: Chromium says not same-site.
+        let hs = h(&[("Referer", "http://attacker.test/")]);
+        let ctx = Context {
+            same_site: Some(false),
+            ..Context::default()
+        };
+        assert!(matches!(
+            decide(&req(&u, &hs, ctx.clone()), &v, UnlistedCredentials::Strip),
+            Decision::Continue {
+                injected: None,
+                withheld: Some(0),
+                ..
+            }
+        ));
+        // The bank framed by the attacker: its own Referer does not make it first-party.
+        let hs = h(&[("Referer", "http://bank.test/page")]);
+        assert!(matches!(
+            decide(&req(&u, &hs, ctx.clone()), &v, UnlistedCredentials::Strip),
+            Decision::Continue { injected: None, .. }
+        ));
+        // A form POST navigating the attacker's tab to the bank: top-level, but Origin is the
+        // attacker's.
+        let hs = h(&[("Origin", "http://attacker.test")]);
+        let mut r = req(
+            &u,
+            &hs,
+            Context {
+                document: true,
+                main_frame: true,
+                same_site: Some(true),
+            },
+        );
+        r.method = "POST";
+        assert!(matches!(
+            decide(&r, &v, UnlistedCredentials::Strip),
+            Decision::Continue {
+                injected: None,
+                withheld: Some(0),
+                ..
+            }
+        ));
+        let hs = h(&[("Origin", "null")]);
+        r.headers = &hs;
+        assert!(!first_party(&r, "bank.test", &[]));
+    }
+
+    #[test]
+    fn listed_initiators_and_lax_navigations_are_first_party() {
+        let v = vault();
+        let u = url("http://bank.test/api/pay");
+        let hs = h(&[("Origin", "http://www.shop.test")]);
+        let mut r = req(
+            &u,
+            &hs,
+            Context {
+                same_site: Some(false),
+                ..Context::default()
+            },
+        );
+        r.method = "POST";
+        assert!(matches!(
+            decide(&r, &v, UnlistedCredentials::Strip),
+            Decision::Continue {
+                injected: Some(_),
+                ..
+            }
+        ));
+        // A GET navigation of a main frame (the agent's Page.navigate, a link) without
+        // correlation.
+        let r = req(
+            &u,
+            &[],
+            Context {
+                document: true,
+                main_frame: true,
+                same_site: None,
+            },
+        );
+        assert!(first_party(&r, "bank.test", &[]));
+        // Without correlation a subframe or a subresource gets nothing.
+        let r = req(
+            &u,
+            &[],
+            Context {
+                document: true,
+                main_frame: false,
+                same_site: None,
+            },
+        );
+        assert!(!first_party(&r, "bank.test", &[]));
+    }
+
+    #[test]
+    fn unlisted_sites_are_stripped_or_blocked() {
+        let v = vault();
+        let u = url("https://news.test/");
+        let hs = h(&[("Authorization", "Basic abc"), ("Accept", "*/*")]);
+        match decide(&req(&u, &hs, same_site()), &v, UnlistedCredentials::Strip) {
+            Decision::Continue {
+                headers: Some(out),
+                stripped,
+                ..
+            } => {
+                assert_eq!(stripped, ["Authorization"]);
+                assert_eq!(out, h(&[("Accept", "*/*")]));
+            }
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(
+            decide(&req(&u, &hs, same_site()), &v, UnlistedCredentials::Block),
+            Decision::Block {
+                headers: vec!["Authorization".into()]
+            }
+        );
+        let plain = h(&[("Accept", "*/*")]);
+        assert!(matches!(
+            decide(
+                &req(&u, &plain, same_site()),
+                &v,
+                UnlistedCredentials::Block
+            ),
+            Decision::Continue {
+                headers: None,
+                injected: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn held_values_going_elsewhere_are_exfiltration() {
+        let v = vault();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(COOKIE);
+        for (u, body, hs, loc) in [
+            (format!("http://evil.test/?q={COOKIE}"), "", vec![], "url"),
+            (
+                format!("http://{}.evil.test/", COOKIE.to_lowercase()),
+                "",
+                vec![],
+                "host",
+            ),
+            (
+                "http://evil.test/".into(),
+                "",
+                vec![("X-Data", b64.as_str())],
+                "header:x-data",
+            ),
+            ("http://evil.test/".into(), TOKEN, vec![], "body"),
+            // A secret of one credential is foreign on the other credential's site.
+            ("http://mail.test/".into(), COOKIE, vec![], "body"),
+        ] {
+            let u = url(&u);
+            let hs = h(&hs);
+            let mut r = req(&u, &hs, same_site());
+            r.body = body.as_bytes();
+            match decide(&r, &v, UnlistedCredentials::Strip) {
+                Decision::Exfiltration {
+                    credential,
+                    location,
+                    ..
+                } => {
+                    assert_eq!(credential, "bank");
+                    assert_eq!(location.name(), loc);
+                }
+                d => panic!("{u}: {d:?}"),
+            }
+        }
+        // At home, the value is not a leak.
+        let u = url("http://bank.test/");
+        let mut r = req(&u, &[], same_site());
+        r.body = COOKIE.as_bytes();
+        assert!(matches!(
+            decide(&r, &v, UnlistedCredentials::Strip),
+            Decision::Continue { .. }
+        ));
+    }
+
+    #[test]
+    fn decisions_never_print_secrets() {
+        let v = vault();
+        let u = url("http://bank.test/");
+        let d = decide(&req(&u, &[], same_site()), &v, UnlistedCredentials::Strip);
+        let Decision::Continue { injected, .. } = &d else {
+            panic!()
+        };
+        let shown = format!("{injected:?} {v:?}");
+        assert!(!shown.contains(COOKIE) && !shown.contains(TOKEN), "{shown}");
+    }
+
+    proptest::proptest! {
+        /// Arbitrary requests never panic; a request carrying a held value to a foreign host
+        /// is always caught, whatever surrounds it.
+        #[test]
+        fn decide_is_total_and_catches_planted_secrets(
+            host in "[a-z]{1,10}\\.(test|example|bank\\.test)",
+            path in "[a-zA-Z0-9/._~%-]{0,40}",
+            method in "(GET|POST|PUT|DELETE|OPTIONS)",
+            names in proptest::collection::vec("[A-Za-z-]{1,12}", 0..5),
+            values in proptest::collection::vec("[ -~]{0,30}", 0..5),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            same in proptest::option::of(proptest::bool::ANY),
+            document in proptest::bool::ANY,
+            plant in 0usize..4,
+        ) {
+            let v = vault();
+            let u = Url::parse(&format!("http://{host}/{path}")).unwrap();
+            let mut hs: Vec<(String, String)> =
+                names.into_iter().zip(values).collect();
+            let mut body = body;
+            let foreign = site_of(&host) != "bank.test";
+            let u = match plant {
+                1 => Url::parse(&format!("{u}?x={COOKIE}")).unwrap(),
+                _ => u,
+            };
+            if plant == 2 { hs.push(("X-Leak".into(), format!("a{TOKEN}b"))); }
+            if plant == 3 { body.extend_from_slice(COOKIE.as_bytes()); }
+            let r = Request {
+                url: &u, method: &method, headers: &hs, body: &body,
+                context: Context { document, main_frame: document, same_site: same },
+            };
+            let d = decide(&r, &v, UnlistedCredentials::Strip);
+            if plant > 0 && foreign {
+                let is_exfiltration = matches!(d, Decision::Exfiltration { .. });
+                proptest::prop_assert!(is_exfiltration, "{:?}", d);
+            }
+            if let Decision::Continue { injected: Some(_), .. } = &d {
+                proptest::prop_assert!(!foreign);
+            }
+        }
+    }
+}

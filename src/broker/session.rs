@@ -1,0 +1,783 @@
+//! The broker's CDP side for one session: browser-level Fetch interception on the supervisor's
+//! own pipe session, and the per-target `Network` sessions that tell it what Fetch cannot.
+//!
+//! - **Request stage** (every URL): [`decide`] says continue (maybe with injected or stripped
+//!   headers), block, or fail as exfiltration.
+//! - **Response stage** (every URL): a credential site's `Set-Cookie` is taken into the vault.
+//!   Fetch does not show `Set-Cookie`; `Network.responseReceivedExtraInfo` on the requesting
+//!   target's session does, and arrives first (measured 400/400 on Chromium 156), so the broker
+//!   holds the response until that event is in. The browser itself stores nothing for a
+//!   credential site: its cookies are blocked by policy (see
+//!   [`crate::browser::chromium::managed_policy`]).
+//! - Every target is auto-attached with `waitForDebuggerOnStart`, given `Network.enable` and
+//!   only then resumed, so no request of any page, frame or worker goes out before the broker
+//!   can see its `isSameSite` verdict and its response headers.
+//!
+//! A session without credentials is not intercepted at all: there is nothing to protect, and
+//! the agent's browser then behaves exactly like a bare Chromium.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use url::Url;
+
+use super::decide::{decide, Context, Decision, Request};
+use crate::browser::conn::FILES_DIR;
+use crate::browser::BrowserConn;
+use crate::gate::HeldCell;
+use crate::mandate::{OnLeak, UnlistedCredentials, ValidMandate};
+use crate::vault::jar::site_of;
+use crate::vault::{FingerprintKey, Vault};
+
+/// How long the broker waits for the `Network` event that belongs to a paused request or
+/// response before deciding without it (fail closed: no credentials without a verdict).
+pub const CORRELATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many `Network` facts are kept waiting for their Fetch pause.
+const CORRELATION_CAPACITY: usize = 8192;
+
+/// Host of the request that proves the interception works before the agent gets the session.
+const PROBE_SUFFIX: &str = ".probe.chaperone.invalid";
+
+/// Where the broker's decisions go: audit records, and the session's end on a leak.
+pub trait BrokerEvents: Send + Sync + 'static {
+    /// Writes one audit record for the session.
+    fn record(&self, event: &'static str, fields: Value);
+    /// A held value was caught leaving and the mandate says `on_leak = "revoke"`.
+    fn revoke(&self, reason: &str);
+}
+
+/// A running broker. Dropping it does not stop the interception: that ends with the browser.
+#[derive(Clone)]
+pub struct Broker {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+struct State {
+    conn: BrowserConn,
+    vault: Mutex<Vault>,
+    held: Arc<HeldCell>,
+    unlisted: UnlistedCredentials,
+    on_leak: OnLeak,
+    events: Arc<dyn BrokerEvents>,
+    corr: Mutex<Correlation>,
+    /// Coalescing keys of audit records already written.
+    recorded: Mutex<HashSet<String>>,
+    probe: Mutex<Option<(String, oneshot::Sender<()>)>>,
+}
+
+/// Facts from the per-target `Network` sessions, by network request id.
+#[derive(Default)]
+struct Correlation {
+    same_site: Bounded<bool>,
+    extra_info: Bounded<Vec<String>>,
+    waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// Page targets: a request whose `frameId` is one of these comes from a main frame.
+    pages: HashSet<String>,
+}
+
+impl Correlation {
+    fn wake(&mut self, id: &str) {
+        for w in self.waiters.remove(id).unwrap_or_default() {
+            let _ = w.send(());
+        }
+    }
+}
+
+/// A map that forgets its oldest entries beyond [`CORRELATION_CAPACITY`].
+struct Bounded<V> {
+    map: HashMap<String, V>,
+    order: VecDeque<String>,
+}
+
+impl<V> Default for Bounded<V> {
+    fn default() -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<V> Bounded<V> {
+    fn insert(&mut self, k: String, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > CORRELATION_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+fn wanted(method: &str) -> bool {
+    matches!(
+        method,
+        "Fetch.requestPaused"
+            | "Target.attachedToTarget"
+            | "Target.detachedFromTarget"
+            | "Network.requestWillBeSent"
+            | "Network.responseReceivedExtraInfo"
+            | "Network.webSocketCreated"
+    )
+}
+
+impl Broker {
+    /// Starts the broker for `mandate` on `conn`, if the mandate holds credentials: enables
+    /// browser-level Fetch, auto-attaches every target, and proves the interception works with
+    /// a probe request that never leaves the browser. Returns `Ok(None)` for a mandate without
+    /// credentials, and an error naming the step when interception cannot be confirmed (the
+    /// session must not start then).
+    pub async fn start(
+        conn: &BrowserConn,
+        mandate: &ValidMandate,
+        key: FingerprintKey,
+        events: Arc<dyn BrokerEvents>,
+        confirm_within: Duration,
+    ) -> Result<Option<Broker>, String> {
+        if mandate.source.credentials.is_empty() {
+            return Ok(None);
+        }
+        let vault = Vault::new(&mandate.source.credentials, key)
+            .map_err(|e| format!("vault: a mandate cookie was refused: {e}"))?;
+        let held = conn.held();
+        held.set(vault.held(FILES_DIR));
+        let rx = conn
+            .supervisor_sink(wanted)
+            .ok_or("the browser connection already has a broker")?;
+        let state = Arc::new(State {
+            conn: conn.clone(),
+            vault: Mutex::new(vault),
+            held,
+            unlisted: mandate.source.unlisted_credentials,
+            on_leak: mandate.source.on_leak,
+            events,
+            corr: Mutex::new(Correlation::default()),
+            recorded: Mutex::new(HashSet::new()),
+            probe: Mutex::new(None),
+        });
+        tokio::spawn(event_loop(state.clone(), rx));
+
+        let step = |what: &'static str| move |e| format!("{what}: {e}");
+        conn.call(
+            "Fetch.enable",
+            json!({"patterns": [
+                {"urlPattern": "*", "requestStage": "Request"},
+                {"urlPattern": "*", "requestStage": "Response"},
+            ]}),
+            None,
+        )
+        .await
+        .map_err(step("Fetch.enable"))?;
+        conn.call(
+            "Target.setAutoAttach",
+            json!({"autoAttach": true, "waitForDebuggerOnStart": true, "flatten": true}),
+            None,
+        )
+        .await
+        .map_err(step("Target.setAutoAttach"))?;
+
+        // The probe: a request that only an active interception can answer.
+        let nonce = hex::encode(rand::random::<[u8; 8]>());
+        let (tx, rx) = oneshot::channel();
+        *lock(&state.probe) = Some((nonce.clone(), tx));
+        let created = conn
+            .call(
+                "Target.createTarget",
+                json!({"url": format!("http://{nonce}{PROBE_SUFFIX}/"), "background": true}),
+                None,
+            )
+            .await
+            .map_err(step("the interception probe's target"))?;
+        let confirmed = tokio::time::timeout(confirm_within, rx).await;
+        if let Some(target) = created.get("targetId").and_then(Value::as_str) {
+            let _ = conn
+                .call("Target.closeTarget", json!({"targetId": target}), None)
+                .await;
+        }
+        match confirmed {
+            Ok(Ok(())) => Ok(Some(Broker { state })),
+            _ => Err(format!(
+                "request interception could not be confirmed within {confirm_within:?}: the \
+                 probe request never reached the broker"
+            )),
+        }
+    }
+
+    /// What the gate keeps from agents (kept current by the broker).
+    pub fn held(&self) -> Arc<HeldCell> {
+        self.state.held.clone()
+    }
+
+    /// The egress proxy's check for traffic Fetch never sees (WebSocket handshakes in
+    /// tunnels, CONNECT host names, Chromium's own requests): whether `material` bound for
+    /// `host` carries a held value that does not belong to `host`'s site. A finding is audited
+    /// and handled like one at the Request stage (`on_leak`).
+    pub fn egress_leak(&self, host: &str, material: &[u8]) -> bool {
+        let finding = {
+            let vault = lock(&self.state.vault);
+            let home = vault.credential_for_site(&site_of(host.trim_matches(['[', ']'])));
+            vault.detector_for(home).and_then(|d| {
+                let f = d.find(material)?;
+                Some((
+                    vault
+                        .owner_of_finding(home, f.secret)
+                        .unwrap_or("?")
+                        .to_string(),
+                    f,
+                ))
+            })
+        };
+        match finding {
+            Some((credential, f)) => {
+                self.state.leak(
+                    host,
+                    &credential,
+                    "egress",
+                    &format!("{:?}", f.encoding),
+                    self.state.on_leak,
+                );
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn event_loop(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Arc<Value>>) {
+    while let Some(event) = rx.recv().await {
+        let method = event.get("method").and_then(Value::as_str).unwrap_or("");
+        let params = event.get("params").cloned().unwrap_or(Value::Null);
+        match method {
+            "Fetch.requestPaused" => {
+                // Never from an agent: agents' sessions are routed to them, and browser-level
+                // Fetch is refused to agents. Each pause is handled on its own task so a wait
+                // for its Network facts never holds up the events that bring them.
+                let state = state.clone();
+                tokio::spawn(async move { state.paused(params).await });
+            }
+            "Target.attachedToTarget" => state.attached(params),
+            "Target.detachedFromTarget" => {
+                if let Some(t) = params
+                    .pointer("/targetInfo/targetId")
+                    .or_else(|| params.get("targetId"))
+                    .and_then(Value::as_str)
+                {
+                    lock(&state.corr).pages.remove(t);
+                }
+            }
+            "Network.requestWillBeSent" => {
+                let (Some(id), Some(same)) = (
+                    params.get("requestId").and_then(Value::as_str),
+                    params
+                        .pointer("/request/isSameSite")
+                        .and_then(Value::as_bool),
+                ) else {
+                    continue;
+                };
+                let mut corr = lock(&state.corr);
+                corr.same_site.insert(id.to_string(), same);
+                corr.wake(id);
+            }
+            "Network.responseReceivedExtraInfo" => {
+                let Some(id) = params.get("requestId").and_then(Value::as_str) else {
+                    continue;
+                };
+                let lines = set_cookie_lines(params.get("headers"));
+                let mut corr = lock(&state.corr);
+                corr.extra_info.insert(id.to_string(), lines);
+                corr.wake(id);
+            }
+            "Network.webSocketCreated" => state.websocket(&params),
+            _ => {}
+        }
+    }
+}
+
+/// The `Set-Cookie` lines of a raw header object (several cookies arrive joined by `\n`).
+fn set_cookie_lines(headers: Option<&Value>) -> Vec<String> {
+    let Some(Value::Object(h)) = headers else {
+        return Vec::new();
+    };
+    h.iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.as_str())
+        .flat_map(|v| v.split('\n'))
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl State {
+    fn record(&self, event: &'static str, fields: Value) {
+        self.events.record(event, fields);
+    }
+
+    /// Records once per `key`: repeats of the same fact are coalesced.
+    fn record_once(&self, key: String, event: &'static str, fields: Value) {
+        if lock(&self.recorded).insert(key) {
+            self.record(event, fields);
+        }
+    }
+
+    /// A new target (or worker, or frame) on a supervisor session: give it `Network`, attach
+    /// its children the same way, then let it run.
+    fn attached(self: &Arc<Self>, params: Value) {
+        let Some(session) = params.get("sessionId").and_then(Value::as_str) else {
+            return;
+        };
+        let kind = params
+            .pointer("/targetInfo/type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        // Browser-target sessions announced on the root are agents' own connections
+        // (`attachToBrowserTarget`), announced before the router knows whose they are.
+        if kind == "browser" {
+            return;
+        }
+        if kind == "page" {
+            if let Some(t) = params
+                .pointer("/targetInfo/targetId")
+                .and_then(Value::as_str)
+            {
+                lock(&self.corr).pages.insert(t.to_string());
+            }
+        }
+        let waiting = params
+            .get("waitingForDebugger")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let session = session.to_string();
+        let conn = self.conn.clone();
+        // A tab target only holds its page; the page, frames and workers make the requests.
+        let network_kind = kind != "tab";
+        let kind = kind.to_string();
+        tokio::spawn(async move {
+            let s = Some(session.as_str());
+            // Sent in this order on one session, and Chromium handles a session's commands in
+            // order: Network is on before the target runs.
+            let (network, children, run) = tokio::join!(
+                async {
+                    if network_kind {
+                        conn.call(
+                            "Network.enable",
+                            json!({"maxTotalBufferSize": 0, "maxResourceBufferSize": 0, "maxPostDataSize": 0}),
+                            s,
+                        )
+                        .await
+                        .map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                },
+                conn.call(
+                    "Target.setAutoAttach",
+                    json!({"autoAttach": true, "waitForDebuggerOnStart": true, "flatten": true}),
+                    s
+                ),
+                async {
+                    if waiting {
+                        conn.call("Runtime.runIfWaitingForDebugger", json!({}), s)
+                            .await
+                            .map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                }
+            );
+            if let Err(e) = network {
+                tracing::warn!(error = %e, %kind, "Network.enable on a new target failed");
+            }
+            // Workers without children answer "not supported" here; that is fine.
+            let _ = children;
+            if let Err(e) = run {
+                tracing::warn!(error = %e, %kind, "resuming a new target failed");
+            }
+        });
+    }
+
+    async fn paused(self: Arc<Self>, p: Value) {
+        let Some(id) = p
+            .get("requestId")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        else {
+            return;
+        };
+        let response_stage =
+            p.get("responseStatusCode").is_some() || p.get("responseErrorReason").is_some();
+        let outcome = if response_stage {
+            self.response(&p).await;
+            self.conn
+                .call("Fetch.continueResponse", json!({"requestId": id}), None)
+                .await
+        } else {
+            match self.request(&p).await {
+                Action::Continue(None) => {
+                    self.conn
+                        .call("Fetch.continueRequest", json!({"requestId": id}), None)
+                        .await
+                }
+                Action::Continue(Some(headers)) => {
+                    let headers: Vec<Value> = headers
+                        .into_iter()
+                        .map(|(name, value)| json!({"name": name, "value": value}))
+                        .collect();
+                    self.conn
+                        .call(
+                            "Fetch.continueRequest",
+                            json!({"requestId": id, "headers": headers}),
+                            None,
+                        )
+                        .await
+                }
+                Action::Fail => {
+                    self.conn
+                        .call(
+                            "Fetch.failRequest",
+                            json!({"requestId": id, "errorReason": "BlockedByClient"}),
+                            None,
+                        )
+                        .await
+                }
+            }
+        };
+        if let Err(e) = outcome {
+            // The request was cancelled meanwhile (tab closed, navigation replaced it).
+            tracing::info!(error = %e, "a paused request could not be resumed");
+        }
+    }
+
+    /// Waits until `ready` holds for network request `id`, at most [`CORRELATE_TIMEOUT`].
+    async fn wait_for(&self, id: &str, ready: impl Fn(&Correlation) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + CORRELATE_TIMEOUT;
+        loop {
+            let rx = {
+                let mut corr = lock(&self.corr);
+                if ready(&corr) {
+                    return true;
+                }
+                let (tx, rx) = oneshot::channel();
+                corr.waiters.entry(id.to_string()).or_default().push(tx);
+                rx
+            };
+            if tokio::time::timeout_at(deadline, rx).await.is_err() {
+                lock(&self.corr).waiters.remove(id);
+                return false;
+            }
+        }
+    }
+
+    async fn request(&self, p: &Value) -> Action {
+        let raw_url = p
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let Ok(url) = Url::parse(raw_url) else {
+            return Action::Continue(None);
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            return Action::Continue(None);
+        }
+        let host = url.host_str().unwrap_or("").to_string();
+        if let Some(nonce) = host.strip_suffix(PROBE_SUFFIX) {
+            let mut probe = lock(&self.probe);
+            if probe.as_ref().is_some_and(|(n, _)| n == nonce) {
+                if let Some((_, tx)) = probe.take() {
+                    let _ = tx.send(());
+                }
+            }
+            return Action::Fail;
+        }
+        let method = p
+            .pointer("/request/method")
+            .and_then(Value::as_str)
+            .unwrap_or("GET");
+        let headers: Vec<(String, String)> = match p.pointer("/request/headers") {
+            Some(Value::Object(h)) => h
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let (body, opaque) = request_body(p);
+        let site = site_of(host.trim_matches(['[', ']']));
+        let credential_site = lock(&self.vault).credential_for_site(&site).is_some();
+        let frame = p.get("frameId").and_then(Value::as_str).unwrap_or("");
+        let mut context = Context {
+            document: p.get("resourceType").and_then(Value::as_str) == Some("Document"),
+            main_frame: lock(&self.corr).pages.contains(frame),
+            same_site: None,
+        };
+        if credential_site {
+            if let Some(nid) = p.get("networkId").and_then(Value::as_str) {
+                self.wait_for(nid, |c| c.same_site.map.contains_key(nid))
+                    .await;
+                context.same_site = lock(&self.corr).same_site.map.get(nid).copied();
+            }
+        }
+
+        if opaque {
+            // A streamed upload: Fetch shows none of it, so nothing can vouch that it carries
+            // no held value.
+            self.record(
+                "credential.blocked",
+                json!({"host": host, "reason": "the request body is a stream the broker cannot inspect"}),
+            );
+            return Action::Fail;
+        }
+
+        let decision = {
+            let vault = lock(&self.vault);
+            let req = Request {
+                url: &url,
+                method,
+                headers: &headers,
+                body: &body,
+                context,
+            };
+            let d = decide(&req, &vault, self.unlisted);
+            // Names for the audit record, read while the vault is at hand.
+            let name_of = |i: usize| vault.credentials()[i].id.clone();
+            match &d {
+                Decision::Continue {
+                    injected, withheld, ..
+                } => (
+                    d.clone(),
+                    injected.as_ref().map(|i| name_of(i.credential)),
+                    withheld.map(name_of),
+                ),
+                _ => (d.clone(), None, None),
+            }
+        };
+        match decision {
+            (
+                Decision::Continue {
+                    headers: new_headers,
+                    injected,
+                    stripped,
+                    ..
+                },
+                injected_name,
+                withheld_name,
+            ) => {
+                if let (Some(inj), Some(name)) = (&injected, &injected_name) {
+                    self.record_once(
+                        format!("inj|{name}|{host}|{}", inj.tokens.join(",")),
+                        "credential.injected",
+                        json!({"credential": name, "host": host, "tokens": inj.tokens}),
+                    );
+                }
+                if let Some(name) = withheld_name {
+                    let initiator = header(&headers, "origin")
+                        .or_else(|| header(&headers, "referer"))
+                        .and_then(|v| Url::parse(v).ok())
+                        .and_then(|u| u.host_str().map(site_of))
+                        .unwrap_or_default();
+                    self.record_once(
+                        format!("wh|{name}|{host}|{initiator}"),
+                        "credential.withheld",
+                        json!({"credential": name, "host": host, "initiator": initiator,
+                               "reason": "the request does not come from a first-party context"}),
+                    );
+                }
+                if !stripped.is_empty() {
+                    self.record_once(
+                        format!("st|{host}|{}", stripped.join(",")),
+                        "credential.stripped",
+                        json!({"host": host, "headers": stripped}),
+                    );
+                }
+                Action::Continue(new_headers)
+            }
+            (Decision::Block { headers: names }, ..) => {
+                self.record(
+                    "credential.blocked",
+                    json!({"host": host, "headers": names,
+                           "reason": "authentication headers to a site without a credential (unlisted_credentials = \"block\")"}),
+                );
+                Action::Fail
+            }
+            (
+                Decision::Exfiltration {
+                    credential,
+                    location,
+                    encoding,
+                },
+                ..,
+            ) => {
+                self.leak(
+                    &host,
+                    &credential,
+                    &location.name(),
+                    &format!("{encoding:?}"),
+                    self.on_leak,
+                );
+                Action::Fail
+            }
+        }
+    }
+
+    fn leak(&self, host: &str, credential: &str, location: &str, encoding: &str, on_leak: OnLeak) {
+        let action = match on_leak {
+            OnLeak::Revoke => "revoke",
+            OnLeak::Block => "block",
+        };
+        self.record(
+            "credential.exfiltration_blocked",
+            json!({"host": host, "credential": credential, "where": location,
+                   "encoding": encoding.to_ascii_lowercase(), "action": action}),
+        );
+        if on_leak == OnLeak::Revoke {
+            self.events.revoke(&format!(
+                "a held value of credential `{credential}` was sent towards {host}"
+            ));
+        }
+    }
+
+    async fn response(&self, p: &Value) {
+        let raw_url = p
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let Ok(url) = Url::parse(raw_url) else {
+            return;
+        };
+        let host = url.host_str().unwrap_or("").to_string();
+        let Some(cred) = lock(&self.vault).credential_for_site(&site_of(&host)) else {
+            return;
+        };
+        let Some(nid) = p.get("networkId").and_then(Value::as_str) else {
+            tracing::warn!(%host, "a credential site's response has no network id; its cookies cannot be captured");
+            return;
+        };
+        if !self
+            .wait_for(nid, |c| c.extra_info.map.contains_key(nid))
+            .await
+        {
+            tracing::warn!(%host, "no response headers arrived for a credential site's response; its cookies were not captured");
+            return;
+        }
+        let lines = lock(&self.corr)
+            .extra_info
+            .map
+            .remove(nid)
+            .unwrap_or_default();
+        if lines.is_empty() {
+            return;
+        }
+        let mut captured = Vec::new();
+        {
+            let mut vault = lock(&self.vault);
+            for line in &lines {
+                match vault.capture(cred, line, &url) {
+                    Ok((token, cookie)) => {
+                        captured.push((vault.credentials()[cred].id.clone(), cookie, token))
+                    }
+                    Err(e) => tracing::info!(%host, error = %e, "a Set-Cookie was not captured"),
+                }
+            }
+            if !captured.is_empty() {
+                self.held.set(vault.held(FILES_DIR));
+            }
+        }
+        for (credential, cookie, token) in captured {
+            self.record(
+                "credential.captured",
+                json!({"credential": credential, "host": host, "cookie": cookie, "token": token}),
+            );
+        }
+    }
+
+    /// WebSocket handshakes never reach Fetch; the only place to see their URL is this event,
+    /// which comes as the socket is being opened, too late to hold it. A held value in it ends
+    /// the session whatever `on_leak` says: blocking alone is not possible here.
+    fn websocket(&self, params: &Value) {
+        let Some(raw) = params.get("url").and_then(Value::as_str) else {
+            return;
+        };
+        let Ok(url) = Url::parse(raw) else {
+            return;
+        };
+        let host = url.host_str().unwrap_or("").to_string();
+        let finding = {
+            let vault = lock(&self.vault);
+            let home = vault.credential_for_site(&site_of(&host));
+            vault.detector_for(home).and_then(|d| {
+                let f = d.find(raw.as_bytes())?;
+                Some((
+                    vault
+                        .owner_of_finding(home, f.secret)
+                        .unwrap_or("?")
+                        .to_string(),
+                    f,
+                ))
+            })
+        };
+        if let Some((credential, f)) = finding {
+            self.leak(
+                &host,
+                &credential,
+                "websocket_url",
+                &format!("{:?}", f.encoding),
+                OnLeak::Revoke,
+            );
+        }
+    }
+}
+
+enum Action {
+    Continue(Option<Vec<(String, String)>>),
+    Fail,
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The body as Fetch shows it: `postDataEntries` hold the exact bytes (`postData` is lossy for
+/// binary bodies). The flag is set when the request has a body Fetch shows nothing of.
+fn request_body(p: &Value) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    let mut any = false;
+    if let Some(Value::Array(entries)) = p.pointer("/request/postDataEntries") {
+        for e in entries {
+            if let Some(b) = e.get("bytes").and_then(Value::as_str) {
+                any = true;
+                if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b) {
+                    body.extend_from_slice(&bytes);
+                }
+            }
+        }
+    }
+    if !any {
+        if let Some(data) = p.pointer("/request/postData").and_then(Value::as_str) {
+            any = true;
+            body.extend_from_slice(data.as_bytes());
+        }
+    }
+    let has = p
+        .pointer("/request/hasPostData")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    (body, has && !any)
+}
