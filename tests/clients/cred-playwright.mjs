@@ -39,7 +39,11 @@ for (const [label, getContext] of contexts) {
   const sessionWelcome = await step(`${label}_session_page`, () => page.textContent('#msg'));
   const cookies = await step(`${label}_cookies`, () => context.cookies());
   const bankCookies = await step(`${label}_bank_cookies`, () => context.cookies(bank));
-  const state = await step(`${label}_storage_state`, () => context.storageState());
+  // A failure here is a finding, not the end of the run: the cookie checks above and below
+  // still need their verdict, so the error travels in the result.
+  const state = await step(`${label}_storage_state`, () =>
+    context.storageState().catch((e) => ({ error: String(e.message || e).split('\n')[0] })),
+  );
   const docCookie = await step(`${label}_document_cookie`, () =>
     page.evaluate(() => document.cookie),
   );

