@@ -22,7 +22,8 @@ fn bad_mandates_are_refused_naming_the_field_and_launch_nothing() {
         (r#"{"agent":"a","ttl_secs":-30}"#.into(), 400, "ttl_secs"),
         (r#"{"agent":"a"}"#.into(), 400, "ttl_secs"),
         (r#"{"agent":"a","ttl_secs":5,"egress":{"private_networks":["everything"]}}"#.into(), 400, "private_networks[0]"),
-        (r#"{"agent":"a","ttl_secs":5,"credentials":[{"id":"c","site":"bank.test","headers":{"Authorization":"Bearer SECRET-TOKEN-93ab2e"}}]}"#.into(), 400, "credentials"),
+        (r#"{"agent":"a","ttl_secs":5,"credentials":[{"id":"c","site":"www.bank.test","headers":{"Authorization":"Bearer SECRET-TOKEN-93ab2e"}}]}"#.into(), 400, "credentials[0].site"),
+        (r#"{"agent":"a","ttl_secs":5,"credentials":[{"id":"c","site":"bank.test","headers":{"Authorization":"SECRET-TOKEN-93ab2e\u0001"}}]}"#.into(), 400, "credentials[0].headers.Authorization"),
         (big, 413, "max_mandate_bytes"),
     ];
     for (body, status, field) in cases {
@@ -63,8 +64,9 @@ fn bad_agent_frames_get_errors_and_spare_other_sessions() {
             .await;
         let e = c.recv().await.expect("an answer to a frame without id");
         assert_eq!(e["error"]["code"], -32600, "{e}");
+        // Off the gate's allowlist: refused by chaperone, loudly, before the browser sees it.
         let e = c.call("Nonexistent.method", json!({}), None).await;
-        assert_eq!(e["error"]["code"], -32601, "{e}");
+        assert_eq!(e["error"]["code"], -32000, "{e}");
         let e = c
             .call(
                 "Target.sendMessageToTarget",
@@ -106,7 +108,9 @@ fn bad_agent_frames_get_errors_and_spare_other_sessions() {
         let v = other.call("Browser.getVersion", json!({}), None).await;
         assert!(v["result"]["product"].is_string(), "{v}");
     });
-    let denied = sup.wait_audit("cdp.denied", |r| r["event"] == "cdp.denied");
+    let denied = sup.wait_audit("cdp.denied", |r| {
+        r["event"] == "cdp.denied" && r["method"] == "Target.sendMessageToTarget"
+    });
     assert_eq!(denied["method"], "Target.sendMessageToTarget");
     for id in [&a["id"], &b["id"]] {
         let (_, v) = sup.api(

@@ -42,7 +42,17 @@ fn every_session_process_is_confined() {
         let p = c
             .open_page(&format!("http://site.test:{}/", site.port()))
             .await;
-        c.navigate(&p, "file:///etc/shadow").await;
+        // The gate refuses the navigation; the page stays where it was.
+        let refused = c
+            .call(
+                "Page.navigate",
+                json!({"url": "file:///etc/shadow"}),
+                Some(&p),
+            )
+            .await;
+        assert_eq!(refused["error"]["code"], -32000, "{refused}");
+        let reason = refused["error"]["message"].as_str().unwrap_or("");
+        assert!(reason.contains("`file:` URLs"), "{refused}");
         c.eval(&p, "document.body ? document.body.innerText : ''")
             .await
     });

@@ -15,6 +15,9 @@ use base64::Engine;
 /// likely. Mandate validation refuses shorter secrets.
 pub const MIN_SECRET_LEN: usize = 8;
 
+/// What replaces a held secret in text bound for the agent (see [`LeakDetector::redact`]).
+pub const REDACTED: &str = "[held by chaperone]";
+
 /// How a secret was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoding {
@@ -135,6 +138,71 @@ impl LeakDetector {
             current = percent_encoding::percent_decode(&current).collect();
         }
         None
+    }
+
+    /// `s` with every held secret replaced by [`REDACTED`], or `None` when `s` holds none (so
+    /// text without secrets is never copied or changed).
+    ///
+    /// Raw, hex and base64/base64url forms are replaced where they are, keeping the text around
+    /// them. A form that can only be seen after undoing percent-encoding has no position in `s`;
+    /// if one is left after the positional pass, the whole of `s` becomes the marker. The result
+    /// never contains a secret [`find`](Self::find) would report.
+    pub fn redact(&self, s: &str) -> Option<String> {
+        self.find(s.as_bytes())?;
+        // A secret could be part of the marker itself (the mandate only bounds its length);
+        // then the replacement is empty, which cannot contain a non-empty secret.
+        let marker = if self.find(REDACTED.as_bytes()).is_some() {
+            ""
+        } else {
+            REDACTED
+        };
+        let mut current = s.to_owned();
+        // Replacing matches can join the text around them into a new one (only with the empty
+        // marker), so repeat a few times; whatever survives is handled below.
+        for _ in 0..4 {
+            let ranges = self.plain_ranges(current.as_bytes());
+            if ranges.is_empty() {
+                break;
+            }
+            let bytes = current.as_bytes();
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut last = 0;
+            for (start, end) in ranges {
+                out.extend_from_slice(&bytes[last..start]);
+                out.extend_from_slice(marker.as_bytes());
+                last = end;
+            }
+            out.extend_from_slice(&bytes[last..]);
+            // Secrets given as bytes that are not UTF-8 can match in the middle of a character.
+            current = match String::from_utf8(out) {
+                Ok(text) => text,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            };
+        }
+        if self.find(current.as_bytes()).is_some() {
+            return Some(marker.to_owned());
+        }
+        Some(current)
+    }
+
+    /// The byte ranges of every raw, hex or base64 match in `material`, overlapping matches
+    /// merged, in order.
+    fn plain_ranges(&self, material: &[u8]) -> Vec<(usize, usize)> {
+        let mut ranges: Vec<(usize, usize)> = [&self.folded, &self.exact]
+            .into_iter()
+            .flatten()
+            .flat_map(|ac| ac.find_overlapping_iter(material))
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged
     }
 
     fn find_plain(&self, material: &[u8]) -> Option<Finding> {
@@ -263,6 +331,48 @@ mod tests {
         assert_eq!(d.find(hex::encode("abc").as_bytes()), None);
     }
 
+    #[test]
+    fn redact_replaces_each_form_in_place() {
+        let d = det();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("u:{SECRET}"));
+        let text = format!("a={SECRET}&b={}&c={b64}&d=plain", hex::encode_upper(SECRET));
+        let out = d.redact(&text).unwrap();
+        assert!(
+            out.starts_with(&format!("a={REDACTED}&b={REDACTED}&c=")),
+            "{out}"
+        );
+        assert!(out.ends_with("&d=plain"), "{out}");
+        assert_eq!(d.find(out.as_bytes()), None, "{out}");
+        // Lowercased, as in a host label.
+        let out = d
+            .redact(&format!("{}.evil.test", SECRET.to_lowercase()))
+            .unwrap();
+        assert_eq!(out, format!("{REDACTED}.evil.test"));
+        // Overlapping occurrences become one marker.
+        let d2 = LeakDetector::new(&["abababab"]);
+        assert_eq!(d2.redact("xababababab-").unwrap(), format!("x{REDACTED}-"));
+    }
+
+    #[test]
+    fn redact_blanks_what_only_percent_decoding_reveals() {
+        let d = det();
+        let pct: String = SECRET.bytes().map(|b| format!("%{b:02X}")).collect();
+        assert_eq!(d.redact(&format!("/x?t={pct}")).unwrap(), REDACTED);
+        assert_eq!(d.redact("nothing held here"), None);
+    }
+
+    #[test]
+    fn redact_never_leaves_a_secret_that_is_part_of_the_marker() {
+        let d = LeakDetector::new(&["chaperone"]);
+        let out = d.redact("x chaperone y").unwrap();
+        assert_eq!(d.find(out.as_bytes()), None, "{out}");
+        assert_eq!(out, "x  y");
+        // Removing one occurrence joins the text around it into another.
+        let d = LeakDetector::new(&["held by "]);
+        let out = d.redact("held bheld by y ").unwrap();
+        assert_eq!(d.find(out.as_bytes()), None, "{out}");
+    }
+
     proptest! {
         #[test]
         fn base64_at_any_alignment_is_found(
@@ -302,6 +412,47 @@ mod tests {
                 })
                 .collect();
             prop_assert!(d.find(format!("/p?v={encoded}").as_bytes()).is_some(), "{}", encoded);
+        }
+
+        #[test]
+        fn redact_leaves_no_secret_and_keeps_clean_text(
+            secrets in proptest::collection::vec("[!-~]{8,24}", 1..4),
+            pieces in proptest::collection::vec(("[ -~]{0,12}", 0usize..4, 0usize..6), 0..6),
+        ) {
+            let d = LeakDetector::new(&secrets);
+            // Text assembled from noise and secrets in every form the detector knows.
+            let mut text = String::new();
+            for (noise, which, form) in &pieces {
+                text.push_str(noise);
+                if let Some(s) = secrets.get(*which) {
+                    let encoded = match form {
+                        0 => s.clone(),
+                        1 => s.to_lowercase(),
+                        2 => hex::encode(s),
+                        3 => base64::engine::general_purpose::STANDARD.encode(format!("x{s}")),
+                        4 => URL_SAFE_NO_PAD.encode(s),
+                        _ => s.bytes().map(|b| format!("%{b:02x}")).collect(),
+                    };
+                    text.push_str(&encoded);
+                }
+            }
+            match d.redact(&text) {
+                Some(out) => {
+                    prop_assert!(d.find(text.as_bytes()).is_some());
+                    prop_assert_eq!(d.find(out.as_bytes()), None, "{}", out);
+                }
+                None => prop_assert_eq!(d.find(text.as_bytes()), None),
+            }
+        }
+
+        #[test]
+        fn redact_returns_none_for_text_without_secrets(
+            secret in "[!-~]{8,24}",
+            text in "[ -~]{0,64}",
+        ) {
+            let d = LeakDetector::new(&[&secret]);
+            prop_assume!(d.find(text.as_bytes()).is_none());
+            prop_assert_eq!(d.redact(&text), None);
         }
     }
 }

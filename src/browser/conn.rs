@@ -184,8 +184,10 @@ impl BrowserConn {
         let receiver = pipe::Receiver::from_owned_fd(from_browser)?;
         let (to_pipe, pipe_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(SUPERVISOR_EVENT_CAPACITY);
+        let held = Arc::new(HeldCell::new(Held::nothing(FILES_DIR)));
         let shared = Arc::new(Shared {
             router: Mutex::new(Router {
+                held: held.clone(),
                 to_pipe: Some(to_pipe),
                 close_reason: None,
                 next_id: 1,
@@ -197,7 +199,7 @@ impl BrowserConn {
             closed: CancellationToken::new(),
             events,
             sink: OnceLock::new(),
-            held: Arc::new(HeldCell::new(Held::nothing(FILES_DIR))),
+            held,
             pipe_backlog: AtomicUsize::new(0),
         });
         tokio::spawn(write_loop(shared.clone(), sender, pipe_rx));
@@ -425,9 +427,21 @@ impl AgentLink {
         match next {
             Some(ToAgent::Text(text)) => {
                 let held = self.shared.held.get();
-                Some(ToAgent::Text(
-                    gate::scrub::scrub_text(&text, &held).unwrap_or(text),
-                ))
+                match gate::scrub::scrub_text(&text, &held) {
+                    None => Some(ToAgent::Text(text)),
+                    Some(scrubbed) if scrubbed.starts_with('{') => Some(ToAgent::Text(scrubbed)),
+                    // A frame the scrubber could not take apart still showed a held value:
+                    // nothing of it may go out, and dropping it silently would leave the
+                    // agent waiting for an answer forever. End the connection, loudly.
+                    Some(_) => {
+                        tracing::error!(agent = %self.label, "a frame for the agent carried a held value that could not be removed; closing the connection");
+                        self.outbox.close(1011, UNSCRUBBABLE_REASON);
+                        Some(ToAgent::Close {
+                            code: 1011,
+                            reason: UNSCRUBBABLE_REASON.to_owned(),
+                        })
+                    }
+                }
             }
             other => other,
         }
@@ -466,6 +480,8 @@ struct Shared {
 
 /// The routing tables. Only ever locked for non-blocking work, never across an await.
 struct Router {
+    /// The same cell as [`Shared::held`], for the scrubbers that run inside the router.
+    held: Arc<HeldCell>,
     /// `None` once the connection is closed; dropping it ends the writer task.
     to_pipe: Option<mpsc::UnboundedSender<Vec<u8>>>,
     close_reason: Option<String>,
@@ -524,6 +540,10 @@ enum Pending {
         tx: Option<oneshot::Sender<Result<(), CdpError>>>,
     },
 }
+
+/// Close reason when a frame carries a held value the scrubber cannot remove.
+const UNSCRUBBABLE_REASON: &str =
+    "chaperone: a message carried a credential value that could not be removed";
 
 /// See [`BrowserConn::supervisor_sink`].
 struct Sink {
@@ -668,15 +688,39 @@ impl Shared {
             return None;
         }
 
-        let empty = Value::Object(serde_json::Map::new());
-        if let Err(refusal) = gate::policy::check(kind, &method, params.as_ref().unwrap_or(&empty))
-        {
-            answer_error(agent, -32000, &refusal.message(&method), None);
-            return Some(Denied {
-                reason: refusal.reason().to_owned(),
-                method,
-            });
+        let held = self.held.get();
+        let absent = params.is_none();
+        let mut checked_params = params
+            .take()
+            .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+        let checked = match gate::policy::check(kind, &method, &mut checked_params, &held) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                answer_error(agent, -32000, &refusal.message(&method), None);
+                return Some(Denied {
+                    reason: refusal.reason().to_owned(),
+                    method,
+                });
+            }
+        };
+        // Parts of the request the gate dropped (a write over a held cookie) are audited like
+        // refusals, though the rest of the request goes ahead.
+        let dropped = (!checked.dropped.is_empty()).then(|| Denied {
+            method: method.clone(),
+            reason: checked.dropped.join("; "),
+        });
+        if let gate::policy::Verdict::Answer(result) = checked.verdict {
+            let mut w = ObjWriter::with_capacity(64);
+            w.int("id", id);
+            w.raw("result", &result.to_string());
+            if let Some(alias) = &alias {
+                w.string("sessionId", alias);
+            }
+            agent.deliver(w.finish());
+            return dropped;
         }
+        let untouched = checked_params.as_object().is_some_and(|p| p.is_empty());
+        params = (!(absent && untouched)).then_some(checked_params);
 
         // CDP session ids inside params must be translated like the envelope's. In the Target
         // domain only detachFromTarget takes one; any other Target command carrying one is
@@ -741,7 +785,7 @@ impl Shared {
             },
         );
         router.send(self, w.finish());
-        None
+        dropped
     }
 
     /// Starts detaching an agent's browser session. Returns a receiver for the answer when
@@ -1032,7 +1076,7 @@ impl Router {
                 let text = result_text.as_deref().unwrap_or(result.get());
                 match serde_json::from_str::<Value>(text) {
                     Ok(mut value) => {
-                        gate::scrub::scrub_reply(kind, method, &mut value);
+                        gate::scrub::scrub_reply(kind, method, &mut value, &self.held.get());
                         result_text = Some(value.to_string());
                     }
                     Err(e) => {
@@ -1205,7 +1249,7 @@ impl Router {
                 let text = params_text.as_deref().unwrap_or(params.get());
                 match serde_json::from_str::<Value>(text) {
                     Ok(mut value) => {
-                        gate::scrub::scrub_event(kind, method, &mut value);
+                        gate::scrub::scrub_event(kind, method, &mut value, &self.held.get());
                         params_text = Some(value.to_string());
                     }
                     Err(e) => {

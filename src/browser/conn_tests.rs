@@ -163,8 +163,8 @@ async fn two_agents_using_the_same_ids_get_their_own_answers() {
     let (conn, mut fake) = start();
     let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
     let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
-    a.from_agent(r#"{"id":1,"method":"Runtime.evaluate","params":{"expression":"'a'"}}"#);
-    b.from_agent(r#"{"id":1,"method":"Runtime.evaluate","params":{"expression":"'b'"}}"#);
+    a.from_agent(r#"{"id":1,"method":"Browser.getVersion","params":{"expression":"'a'"}}"#);
+    b.from_agent(r#"{"id":1,"method":"Browser.getVersion","params":{"expression":"'b'"}}"#);
     let to_a = fake.recv().await;
     let to_b = fake.recv().await;
     assert_eq!(to_a["sessionId"], "REAL-ROOT-A");
@@ -216,7 +216,7 @@ async fn session_ids_are_aliased_both_ways_including_nested_sessions() {
     // Outside the Target domain, a `sessionId` param is not a CDP session: untouched.
     fake.send(json!({"method": "Network.deviceBoundSessionEventOccurred", "sessionId": "REAL-PAGE", "params": {"eventId": "e", "site": "https://a.test", "succeeded": true, "sessionId": "dbsc-1"}})).await;
     assert_eq!(next_json(&a).await["params"]["sessionId"], "dbsc-1");
-    a.from_agent(&json!({"id": 30, "method": "Network.someFutureCall", "sessionId": page, "params": {"sessionId": "dbsc-1"}}).to_string());
+    a.from_agent(&json!({"id": 30, "method": "Network.enable", "sessionId": page, "params": {"sessionId": "dbsc-1"}}).to_string());
     let forwarded = fake.recv().await;
     assert_eq!(forwarded["params"]["sessionId"], "dbsc-1");
 
@@ -294,7 +294,11 @@ async fn attach_answer_without_an_event_still_gets_an_alias() {
         .as_str()
         .unwrap()
         .to_owned();
-    a.from_agent(&json!({"id": 2, "method": "Page.enable", "sessionId": alias}).to_string());
+    // The kind is unknown without the event, so the session gets the narrowest allowlist.
+    a.from_agent(
+        &json!({"id": 2, "method": "Runtime.runIfWaitingForDebugger", "sessionId": alias})
+            .to_string(),
+    );
     assert_eq!(fake.recv().await["sessionId"], "REAL-P1");
 }
 
@@ -335,7 +339,10 @@ async fn detached_from_target_answers_what_is_pending_on_that_session() {
     )
     .await;
     a.from_agent(&json!({"id": 10, "method": "Runtime.evaluate", "sessionId": page}).to_string());
-    a.from_agent(&json!({"id": 11, "method": "Page.enable", "sessionId": tab}).to_string());
+    a.from_agent(
+        &json!({"id": 11, "method": "Runtime.runIfWaitingForDebugger", "sessionId": tab})
+            .to_string(),
+    );
     a.from_agent(r#"{"id":12,"method":"Target.getTargets"}"#);
     let on_page = fake.recv().await;
     let _on_tab = fake.recv().await;
@@ -529,11 +536,11 @@ async fn bad_agent_input_is_answered_like_chromium_and_the_link_stays_open() {
     assert_eq!(recorder.take().len(), 1);
     fake.assert_quiet(&conn).await;
 
-    // Still open: an unknown method goes to the browser, which answers -32601 itself; null
+    // Still open: the next request goes to the browser, whose error passes through; null
     // params are treated as absent.
-    a.from_agent(r#"{"id":21,"method":"No.such","params":null}"#);
+    a.from_agent(r#"{"id":21,"method":"Browser.getVersion","params":null}"#);
     let forwarded = fake.recv().await;
-    assert_eq!(forwarded["method"], "No.such");
+    assert_eq!(forwarded["method"], "Browser.getVersion");
     assert!(forwarded.get("params").is_none());
     fake.send(json!({"id": forwarded["id"], "error": {"code": -32601, "message": "'No.such' wasn't found"}, "sessionId": "REAL-ROOT-A"})).await;
     assert_eq!(
@@ -672,7 +679,7 @@ async fn supervisor_traffic_never_reaches_agents() {
 async fn answers_pass_through_raw_including_text_serde_json_cannot_decode() {
     let (conn, mut fake) = start();
     let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
-    a.from_agent(r#"{"id":1,"method":"Runtime.evaluate","params":{"expression":"'\\ud800'"}}"#);
+    a.from_agent(r#"{"id":1,"method":"Browser.getVersion","params":{"expression":"'\\ud800'"}}"#);
     let forwarded = fake.recv().await;
     let id = forwarded["id"].as_u64().unwrap();
     fake.send_raw(&format!(r#"{{"id":{id},"result":{{"result":{{"type":"string","value":"\ud800"}}}},"sessionId":"REAL-ROOT-A"}}"#)).await;
@@ -702,7 +709,7 @@ async fn answers_pass_through_raw_including_text_serde_json_cannot_decode() {
 async fn browser_eof_answers_everything_pending_and_closes_agents() {
     let (conn, mut fake) = start();
     let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
-    a.from_agent(r#"{"id":1,"method":"Runtime.evaluate","params":{"expression":"1"}}"#);
+    a.from_agent(r#"{"id":1,"method":"Browser.getVersion","params":{"expression":"1"}}"#);
     let call = tokio::spawn({
         let conn = conn.clone();
         async move { conn.call("Browser.getVersion", json!({}), None).await }

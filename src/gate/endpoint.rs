@@ -251,6 +251,16 @@ async fn new_target(
         return text(StatusCode::GONE, "chaperone: session has no browser\n");
     };
     let url = uri.query().unwrap_or("about:blank").to_string();
+    if let Err(refusal) = super::policy::navigable(&url) {
+        let message = refusal.message("/json/new");
+        crate::gate::GateObserver::denied(
+            &crate::gate::AuditGate::new(ep.reg.clone(), s.id.clone()),
+            &s.mandate.source.agent,
+            "/json/new",
+            refusal.reason(),
+        );
+        return text(StatusCode::FORBIDDEN, format!("{message}\n"));
+    }
     match b
         .conn
         .execute(CreateTargetParams::new(url.clone()), None)

@@ -6,6 +6,7 @@
 
 pub mod endpoint;
 pub mod held;
+mod methods;
 pub mod policy;
 pub mod scrub;
 
