@@ -56,12 +56,12 @@ fn exfiltration(attack: &str) -> World {
     exfiltration_with(attack, false)
 }
 
-/// [`exfiltration`]; `revocable`: chaperone may end the session for this channel even though
-/// the mandate says `on_leak = "block"`. WebSocket handshakes never reach Fetch; the broker
-/// sees their URL only as the socket opens, too late to hold it, and revokes instead (a
-/// deliberate choice, `src/broker/session.rs`). Then the bank cannot be checked in the same
-/// session; the end must be an audited anomaly.
-fn exfiltration_with(attack: &str, revocable: bool) -> World {
+/// [`exfiltration`]; `revokes`: chaperone ends the session for this channel even though the
+/// mandate says `on_leak = "block"`. WebSocket handshakes never reach Fetch; the broker sees
+/// their URL only as the socket opens, too late to hold it, and revokes instead (a deliberate
+/// choice, `src/broker/session.rs`). Then the bank cannot be checked in the same session, and
+/// the end must be an audited anomaly. The page sends its canary first for these channels.
+fn exfiltration_with(attack: &str, revokes: bool) -> World {
     let w = World::start(|_| {});
     rt().block_on(async {
         let mut c = w.connect().await;
@@ -69,24 +69,18 @@ fn exfiltration_with(attack: &str, revocable: bool) -> World {
         let answer = w.try_attack(&mut c, &p).await;
         w.wait_canary(attack).await;
         w.judge_exfiltration(attack).await;
-        let revoked = w.sup().is_some_and(|sup| {
-            sup.events("credential.exfiltration_blocked")
-                .iter()
-                .any(|r| r["action"] == "revoke")
-        });
-        if revoked {
-            assert!(
-                revocable,
-                "the session was revoked although on_leak is \"block\""
-            );
-            let sup = w.sup().unwrap();
-            sup.wait_audit("session.anomaly", |r| r["event"] == "session.anomaly");
-        } else {
-            assert!(
-                answer.is_some(),
-                "the agent's connection ended without a revocation"
-            );
-            w.assert_bank_works(&mut c, &p).await;
+        match w.sup() {
+            Some(sup) if revokes => {
+                let r = sup.wait_audit("session.anomaly", |r| r["event"] == "session.anomaly");
+                eprintln!("[revoked] {r}");
+            }
+            _ => {
+                assert!(answer.is_some(), "the agent's connection ended");
+                w.assert_bank_works(&mut c, &p).await;
+                if let Some(sup) = w.sup() {
+                    assert_eq!(sup.events("session.anomaly"), Vec::<Value>::new());
+                }
+            }
         }
         w.assert_nothing_leaked(&c.seen);
     });
