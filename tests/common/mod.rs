@@ -2,6 +2,8 @@
 //! test servers, and helpers to read the audit log.
 #![allow(dead_code)]
 
+pub mod bank;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,8 +14,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// Fake secrets that must never appear anywhere.
-pub const FAKE_SECRETS: &[&str] = &["SECRET-COOKIE-7d1f0c", "SECRET-TOKEN-93ab2e"];
+/// Fake secrets that must never appear anywhere: the mandate's cookie and token, and the two
+/// cookies the test bank's login sets (see `bank.rs`).
+pub const FAKE_SECRETS: &[&str] = &[
+    "SECRET-COOKIE-7d1f0c",
+    "SECRET-TOKEN-93ab2e",
+    "SECRET-SESSION-5e7a11",
+    "SECRET-CSRF-2c9d44",
+];
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chaperone"))
