@@ -57,9 +57,8 @@ fn exfiltration(attack: &str) -> World {
 }
 
 /// [`exfiltration`]; `revokes`: chaperone ends the session for this channel even though the
-/// mandate says `on_leak = "block"`. WebSocket handshakes never reach Fetch; the broker sees
-/// their URL only as the socket opens, too late to hold it, and revokes instead (a deliberate
-/// choice, `src/broker/session.rs`). Then the bank cannot be checked in the same session, and
+/// mandate says `on_leak = "block"` (a `wss://` URL path or frame, which nobody can hold back:
+/// the broker sees it only as the socket opens; see `src/broker/session.rs`). Then the bank cannot be checked in the same session, and
 /// the end must be an audited anomaly. The page sends its canary first for these channels.
 fn exfiltration_with(attack: &str, revokes: bool) -> World {
     let w = World::start(|_| {});
@@ -117,11 +116,25 @@ fn ag120_4_4_exfiltration_by_send_beacon_is_blocked() {
     exfiltration("beacon");
 }
 
-/// Browser-level Fetch never sees a WebSocket handshake, and frames are masked on the wire:
-/// the URL and a text frame both carry the secret.
+/// Browser-level Fetch never sees a WebSocket handshake: the egress proxy reads the plaintext
+/// handshake inside the tunnel and stops it (the URL carries the secret), as `on_leak` says.
 #[test]
-fn ag120_4_4_exfiltration_by_websocket_url_and_frame_is_blocked() {
-    let w = exfiltration_with("websocket", true);
+fn ag120_4_4_exfiltration_by_websocket_url_is_blocked() {
+    let w = exfiltration("websocket");
+    if w.is_bare() {
+        let frames = w.sites.attacker.frames.lock().unwrap().concat();
+        assert!(
+            !secrets_in(&frames).is_empty(),
+            "the WebSocket frame delivered no secret through bare Chromium"
+        );
+    }
+}
+
+/// A clean handshake, then the secret in a frame: frames are masked, not encrypted, and the
+/// proxy unmasks them (and keeps permessage-deflate from being negotiated).
+#[test]
+fn ag120_4_4_exfiltration_by_websocket_frame_is_blocked() {
+    let w = exfiltration("websocket-frame");
     if w.is_bare() {
         let frames = w.sites.attacker.frames.lock().unwrap().concat();
         assert!(
@@ -132,10 +145,11 @@ fn ag120_4_4_exfiltration_by_websocket_url_and_frame_is_blocked() {
 }
 
 /// wss:// to a server the browser cannot trust: only the host name (CONNECT, SNI) leaves in
-/// clear, so the secret rides as a host label.
+/// clear, so the secret rides as a host label; the proxy refuses the CONNECT before any DNS
+/// lookup.
 #[test]
 fn ag120_4_4_exfiltration_by_secure_websocket_host_name_is_blocked() {
-    exfiltration_with("wss", true);
+    exfiltration("wss");
 }
 
 #[test]
@@ -452,6 +466,18 @@ fn unlisted(block: bool) {
     rt().block_on(async {
         let mut c = w.connect().await;
         let p = w.open_with(&mut c, &w.attacker("/unlisted"), false).await;
+        // The agent plants a Cookie header of its own on every request of the page; the
+        // attacker site's own cookie (set by itself, in this browser) is its own state and
+        // may go back to it, the planted one is authentication material it must not get.
+        // (Only when stripping: blocking would fail every request of the page, canary too.)
+        if !block {
+            c.call(
+                "Network.setExtraHTTPHeaders",
+                json!({"headers": {"Cookie": "planted=agent-set-cookie"}}),
+                Some(&p),
+            )
+            .await;
+        }
         let r = c
             .call(
                 "Runtime.evaluate",
@@ -470,7 +496,10 @@ fn unlisted(block: bool) {
             .collect();
         let with_auth: Vec<&Request> = carried
             .iter()
-            .filter(|r| r.header("cookie").is_some() || r.header("authorization").is_some())
+            .filter(|r| {
+                r.header("cookie").is_some_and(|c| !c.trim().is_empty())
+                    || r.header("authorization").is_some()
+            })
             .collect();
         w.judge(
             "authentication headers reached a site without a credential",
@@ -911,11 +940,16 @@ fn node_cookies(script: &str) {
     );
     w.assert_nothing_leaked(&[protocol]);
     for r in &runs {
-        assert!(
-            r["state"].get("error").is_none(),
-            "{script}: storageState() failed: {}",
-            r["state"]
-        );
+        // Known cost of keeping cookies out (README, "Credentials"): the browser stores nothing
+        // for a credential site, so its localStorage throws while one of its pages is open, and
+        // Playwright's storageState() with it. Any other failure is a bug.
+        if let Some(e) = r["state"].get("error") {
+            assert!(
+                e.as_str().unwrap_or("").contains("localStorage")
+                    && e.as_str().unwrap_or("").contains("SecurityError"),
+                "{script}: storageState() failed: {e}"
+            );
+        }
     }
 }
 

@@ -152,13 +152,20 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
         return match unlisted {
             UnlistedCredentials::Block => Decision::Block { headers: auth },
             UnlistedCredentials::Strip => Decision::Continue {
-                headers: Some(
-                    req.headers
+                headers: Some({
+                    let mut kept: Vec<(String, String)> = req
+                        .headers
                         .iter()
                         .filter(|(n, _)| !is_auth_header(n))
                         .cloned()
-                        .collect(),
-                ),
+                        .collect();
+                    // Without a Cookie header of its own the browser would attach its cookies
+                    // again; an empty one replaces them.
+                    if auth.iter().any(|h| h.eq_ignore_ascii_case("cookie")) {
+                        kept.push(("Cookie".to_string(), String::new()));
+                    }
+                    kept
+                }),
                 injected: None,
                 stripped: auth,
                 withheld: None,

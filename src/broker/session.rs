@@ -81,6 +81,8 @@ struct State {
 struct Correlation {
     same_site: Bounded<bool>,
     extra_info: Bounded<Vec<String>>,
+    /// `wss://` sockets by network request id, with their host.
+    secure_sockets: Bounded<String>,
     waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     /// Page targets: a request whose `frameId` is one of these comes from a main frame.
     pages: HashSet<String>,
@@ -131,6 +133,7 @@ fn wanted(method: &str) -> bool {
             | "Network.requestWillBeSent"
             | "Network.responseReceivedExtraInfo"
             | "Network.webSocketCreated"
+            | "Network.webSocketFrameSent"
     )
 }
 
@@ -221,6 +224,11 @@ impl Broker {
         self.state.held.clone()
     }
 
+    /// `host` with held values cut out, for logs and audit records.
+    pub fn shown_host(&self, host: &str) -> String {
+        self.state.shown_host(host)
+    }
+
     /// The egress proxy's check for traffic Fetch never sees (WebSocket handshakes in
     /// tunnels, CONNECT host names, Chromium's own requests): whether `material` bound for
     /// `host` carries a held value that does not belong to `host`'s site. A finding is audited
@@ -304,7 +312,9 @@ async fn event_loop(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Arc<Value
                 corr.extra_info.insert(id.to_string(), lines);
                 corr.wake(id);
             }
-            "Network.webSocketCreated" => state.websocket(&params),
+            "Network.webSocketCreated" | "Network.webSocketFrameSent" => {
+                state.websocket(method, &params)
+            }
             _ => {}
         }
     }
@@ -642,6 +652,8 @@ impl State {
             OnLeak::Revoke => "revoke",
             OnLeak::Block => "block",
         };
+        // The host itself may be the carrier (a secret as a DNS label): never record it as is.
+        let host = self.shown_host(host);
         self.record(
             "credential.exfiltration_blocked",
             json!({"host": host, "credential": credential, "where": location,
@@ -652,6 +664,14 @@ impl State {
                 "a held value of credential `{credential}` was sent towards {host}"
             ));
         }
+    }
+
+    /// `host` as audit records and logs may show it: with every held value in it replaced.
+    fn shown_host(&self, host: &str) -> String {
+        let vault = lock(&self.vault);
+        vault
+            .detector_for(None)
+            .map_or_else(|| host.to_string(), |d| shown_host(d, host))
     }
 
     async fn response(&self, p: &Value) {
@@ -708,22 +728,45 @@ impl State {
         }
     }
 
-    /// WebSocket handshakes never reach Fetch; the only place to see their URL is this event,
-    /// which comes as the socket is being opened, too late to hold it. A held value in it ends
-    /// the session whatever `on_leak` says: blocking alone is not possible here.
-    fn websocket(&self, params: &Value) {
-        let Some(raw) = params.get("url").and_then(Value::as_str) else {
+    /// WebSocket handshakes and frames never reach Fetch. Over `ws://` the egress proxy sees
+    /// the handshake and the (masked, not encrypted) frames and stops a held value before it
+    /// leaves, as `on_leak` says; a `wss://` host name is checked by the proxy before the
+    /// tunnel opens. What nobody can hold back is a `wss://` URL path or frame: these events
+    /// arrive as the socket opens or the frame is sent, so a held value there ends the session
+    /// at once, whatever `on_leak` says.
+    fn websocket(&self, method: &str, params: &Value) {
+        let Some(id) = params.get("requestId").and_then(Value::as_str) else {
             return;
         };
-        let Ok(url) = Url::parse(raw) else {
-            return;
+        let (host, material, location) = if method == "Network.webSocketCreated" {
+            let Some(Ok(url)) = params.get("url").and_then(Value::as_str).map(Url::parse) else {
+                return;
+            };
+            if url.scheme() != "wss" {
+                return;
+            }
+            let host = url.host_str().unwrap_or("").to_string();
+            lock(&self.corr)
+                .secure_sockets
+                .insert(id.to_string(), host.clone());
+            let mut rest = url.clone();
+            let _ = rest.set_host(Some("h.invalid"));
+            (host, rest.to_string().into_bytes(), "websocket_url")
+        } else {
+            let Some(host) = lock(&self.corr).secure_sockets.map.get(id).cloned() else {
+                return;
+            };
+            let payload = params
+                .pointer("/response/payloadData")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            (host, payload.as_bytes().to_vec(), "websocket_frame")
         };
-        let host = url.host_str().unwrap_or("").to_string();
         let finding = {
             let vault = lock(&self.vault);
             let home = vault.credential_for_site(&site_of(&host));
             vault.detector_for(home).and_then(|d| {
-                let f = d.find(raw.as_bytes())?;
+                let f = d.find(&material)?;
                 Some((
                     vault
                         .owner_of_finding(home, f.secret)
@@ -734,14 +777,41 @@ impl State {
             })
         };
         if let Some((credential, f)) = finding {
+            tracing::warn!(%location, "a held value went into a wss:// WebSocket, which cannot be held back: revoking the session");
             self.leak(
                 &host,
                 &credential,
-                "websocket_url",
+                location,
                 &format!("{:?}", f.encoding),
                 OnLeak::Revoke,
             );
         }
+    }
+}
+
+/// `host` with held values cut out. A value split across labels or percent-encoded cannot be
+/// cut out: then only the site is kept, and if even that carries one, nothing.
+pub fn shown_host(detector: &crate::broker::leak::LeakDetector, host: &str) -> String {
+    let joined: String = host.split('.').collect();
+    let clean = |s: &str| {
+        let joined: String = s.split('.').collect();
+        detector.find(s.as_bytes()).is_none() && detector.find(joined.as_bytes()).is_none()
+    };
+    if clean(host) {
+        return host.to_string();
+    }
+    if detector.find(joined.as_bytes()).is_some() && detector.find(host.as_bytes()).is_none() {
+        // Split across labels: nothing positional to cut.
+    } else if let Some(r) = detector.redact(host) {
+        if clean(&r) {
+            return r;
+        }
+    }
+    let site = format!("[held value].{}", site_of(host));
+    if clean(&site) {
+        site
+    } else {
+        "[held value]".to_string()
     }
 }
 

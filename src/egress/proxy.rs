@@ -114,6 +114,12 @@ pub trait EgressObserver: Send + Sync + 'static {
     fn holds_value_in(&self, _host: &str, _material: &[u8]) -> bool {
         false
     }
+    /// `host` as logs, audit records and refusal bodies may show it after
+    /// [`holds_value_in`](Self::holds_value_in) found a held value for it (the host name itself
+    /// may be the carrier).
+    fn shown_host(&self, host: &str) -> String {
+        host.to_string()
+    }
 }
 
 /// Serves the proxy protocol on `listener` under `policy` until `shutdown` is cancelled.
@@ -191,6 +197,17 @@ impl Shared {
     }
 
     fn refuse(&self, kind: Kind, target: &Target, reason: DenyReason) -> Response<ProxyBody> {
+        let redacted;
+        let target = if reason == DenyReason::HeldValue {
+            redacted = Target {
+                shown: self.observer.shown_host(&target.shown),
+                port: target.port,
+                host: Err("carries a held value".into()),
+            };
+            &redacted
+        } else {
+            target
+        };
         tracing::info!(%kind, host = %target.shown, port = target.port, %reason, "egress refused");
         let status = match reason {
             DenyReason::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -354,19 +371,161 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
     if head.starts_with(b"GET ") && shared.observer.holds_value_in(&tunnel.host, &head) {
         shared.observer.denied(&Denied {
             kind: Kind::Connect,
-            host: tunnel.host.clone(),
+            host: shared.observer.shown_host(&tunnel.host),
             port: tunnel.port,
             reason: DenyReason::HeldValue,
         });
         return;
     }
+    let websocket = head.starts_with(b"GET ") && is_websocket_upgrade(&head);
+    if websocket {
+        // Compressed frames could hide a value from the frame check below: never let the
+        // handshake negotiate permessage-deflate.
+        head = without_header(&head, "sec-websocket-extensions");
+    }
     if upstream.write_all(&head).await.is_err() {
         return;
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => tracing::debug!(sent, received, "egress proxy: tunnel closed"),
-        Err(e) => tracing::debug!(error = %e, "egress proxy: tunnel ended"),
+    if !websocket {
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((sent, received)) => {
+                tracing::debug!(sent, received, "egress proxy: tunnel closed")
+            }
+            Err(e) => tracing::debug!(error = %e, "egress proxy: tunnel ended"),
+        }
+        return;
     }
+    // A plaintext WebSocket: frames from the browser are masked, not encrypted, so each one is
+    // unmasked and looked at before it is passed on.
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut up_rd, mut up_wr) = upstream.into_split();
+    let down = tokio::io::copy(&mut up_rd, &mut client_wr);
+    let up = async {
+        let mut frames = FrameScanner::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let payload = frames.feed(&buf[..n]);
+            if !payload.is_empty() && shared.observer.holds_value_in(&tunnel.host, &payload) {
+                shared.observer.denied(&Denied {
+                    kind: Kind::Connect,
+                    host: shared.observer.shown_host(&tunnel.host),
+                    port: tunnel.port,
+                    reason: DenyReason::HeldValue,
+                });
+                return;
+            }
+            if up_wr.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        () = up => {}
+    }
+}
+
+fn is_websocket_upgrade(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|l| {
+        l.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case("upgrade") && v.trim().eq_ignore_ascii_case("websocket")
+        })
+    })
+}
+
+/// `head` (a request head ending in an empty line) without the header `name`.
+fn without_header(head: &[u8], name: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive("\r\n") {
+        let drop = line
+            .split_once(':')
+            .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name));
+        if !drop {
+            out.push_str(line);
+        }
+    }
+    out.into_bytes()
+}
+
+/// Unmasks the payload of WebSocket frames (RFC 6455 5.2) as their bytes stream by. Keeps the
+/// tail of what came before, so a value split across reads or frames is still seen whole.
+#[derive(Default)]
+struct FrameScanner {
+    /// Header bytes of the frame being read, until complete.
+    header: Vec<u8>,
+    /// Payload bytes left in the current frame, and its mask.
+    left: u64,
+    mask: [u8; 4],
+    offset: usize,
+    /// Unmasked payload seen last, kept for values that straddle a boundary.
+    tail: Vec<u8>,
+}
+
+/// Longest stretch of earlier payload kept to catch a value cut in two (held values are short).
+const FRAME_TAIL: usize = 1024;
+
+impl FrameScanner {
+    /// Takes the next bytes of the stream; returns the kept tail plus the payload they carry,
+    /// unmasked.
+    fn feed(&mut self, mut bytes: &[u8]) -> Vec<u8> {
+        let mut payload = std::mem::take(&mut self.tail);
+        let fresh_from = payload.len();
+        while !bytes.is_empty() {
+            if self.left == 0 {
+                self.header.push(bytes[0]);
+                bytes = &bytes[1..];
+                if let Some((len, mask)) = frame_header(&self.header) {
+                    self.header.clear();
+                    self.left = len;
+                    self.mask = mask;
+                    self.offset = 0;
+                }
+                continue;
+            }
+            let take = usize::try_from(self.left)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            for &b in &bytes[..take] {
+                payload.push(b ^ self.mask[self.offset % 4]);
+                self.offset += 1;
+            }
+            self.left -= take as u64;
+            bytes = &bytes[take..];
+        }
+        let keep = payload.len().saturating_sub(FRAME_TAIL);
+        self.tail = payload[keep..].to_vec();
+        if payload.len() == fresh_from {
+            return Vec::new();
+        }
+        payload
+    }
+}
+
+/// Parses a complete frame header: payload length and mask (zero when unmasked).
+fn frame_header(h: &[u8]) -> Option<(u64, [u8; 4])> {
+    let b1 = *h.get(1)?;
+    let masked = b1 & 0x80 != 0;
+    let (len, at) = match b1 & 0x7f {
+        126 => (u64::from(u16::from_be_bytes([*h.get(2)?, *h.get(3)?])), 4),
+        127 => {
+            let bytes: [u8; 8] = h.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(bytes), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    let mut mask = [0u8; 4];
+    if masked {
+        mask.copy_from_slice(h.get(at..at + 4)?);
+    }
+    if h.len() < at + if masked { 4 } else { 0 } {
+        return None;
+    }
+    Some((len, mask))
 }
 
 async fn forward(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {

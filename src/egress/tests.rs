@@ -999,3 +999,79 @@ async fn held_values_never_leave_through_host_names_urls_or_tunnelled_handshakes
         .collect();
     assert_eq!(denied.len(), 3, "{denied:?}");
 }
+
+/// A masked client frame (RFC 6455) carrying `payload`.
+fn masked_frame(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[tokio::test]
+async fn plaintext_websocket_frames_are_unmasked_and_held_values_stopped() {
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let target = format!("site.test:{}", echo.port());
+    let open = || {
+        let head = "GET /ws HTTP/1.1\r\nHost: site.test\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+            .to_string();
+        (
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+            head,
+        )
+    };
+
+    // A clean frame passes, and the handshake lost its compression offer on the way.
+    let mut c = proxy.client().await;
+    let (connect, head) = open();
+    c.send(&connect).await;
+    assert_eq!(c.response().await.status, 200);
+    c.send(&head).await;
+    let forwarded = head.replace("Sec-WebSocket-Extensions: permessage-deflate\r\n", "");
+    assert_eq!(c.read_exactly(forwarded.len()).await, forwarded.as_bytes());
+    let clean = masked_frame(&[b'x'; 300], [1, 2, 3, 4]);
+    c.send_bytes(&clean).await;
+    assert_eq!(c.read_exactly(clean.len()).await, clean);
+
+    // A held value split across two frames and two writes never gets through.
+    let mut c = proxy.client().await;
+    let (connect, head) = open();
+    c.send(&connect).await;
+    assert_eq!(c.response().await.status, 200);
+    c.send(&head).await;
+    c.read_exactly(forwarded.len()).await;
+    let first = masked_frame(b"data=HELD-VAL", [9, 8, 7, 6]);
+    let second = masked_frame(b"UE-4b1d&more", [5, 4, 3, 2]);
+    c.send_bytes(&first).await;
+    assert_eq!(
+        c.read_exactly(first.len()).await,
+        first,
+        "the first half alone is harmless"
+    );
+    // Header (6 bytes) and "UE-": still no whole value, passed on.
+    c.send_bytes(&second[..9]).await;
+    assert_eq!(c.read_exactly(9).await, &second[..9]);
+    c.send_bytes(&second[9..]).await;
+    let before = c.buf.len();
+    while c.fill().await > 0 {}
+    assert_eq!(
+        c.buf.len(),
+        before,
+        "the bytes completing the value were not passed on"
+    );
+    let denied: Vec<_> = proxy
+        .recorder
+        .denied()
+        .into_iter()
+        .filter(|d| d.reason == DenyReason::HeldValue)
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+}

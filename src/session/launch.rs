@@ -262,6 +262,12 @@ impl EgressObserver for SessionEgress {
             .is_some_and(|b| b.egress_leak(host, material))
     }
 
+    fn shown_host(&self, host: &str) -> String {
+        self.broker
+            .as_ref()
+            .map_or_else(|| host.to_string(), |b| b.shown_host(host))
+    }
+
     fn request(&self, _r: &RequestInfo) {
         self.reg.metrics.egress_requests.inc();
     }

@@ -820,6 +820,17 @@ async function run(tok, sid) {
   await step('ws', () => ws(WA + '/ws?via=websocket&d=' + tok, 'sid=' + sid + '&tok=' + tok));
 }"#
         }
+        "websocket-frame" => {
+            r#"const ws = (url, msg) => new Promise(res => {
+  const w = new WebSocket(url);
+  w.onopen = () => { w.send(msg); setTimeout(() => { w.close(); res('sent'); }, 200); };
+  w.onerror = () => res('error');
+});
+async function run(tok, sid) {
+  await step('canary', () => ws(WA + '/ws?canary=websocket-frame', 'canary'));
+  await step('ws', () => ws(WA + '/ws?via=websocket-frame', 'sid=' + sid + '&tok=' + tok));
+}"#
+        }
         // The attacker has no certificate the browser trusts (chaperone adds no trust anchor and
         // bare Chromium gets no --ignore-certificate-errors), so a wss:// URL's path and frames
         // never get past the TLS handshake. What does leave in clear is the host name: the
