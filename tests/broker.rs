@@ -80,11 +80,15 @@ fn first_party_requests_arrive_authenticated_and_nothing_else_does() {
     let audit = std::fs::read_to_string(&sup.audit).unwrap();
     assert_no_secrets("the audit log", &audit);
     assert_no_secrets("the supervisor's output", &sup.stderr_text());
-    let injected = sup.wait_audit("credential.injected", |r| r["host"] == "bank.test");
+    let injected = sup.wait_audit("credential.injected", |r| {
+        r["event"] == "credential.injected" && r["host"] == "bank.test"
+    });
     assert_eq!(injected["credential"], "bank");
     assert_eq!(injected["tokens"].as_array().unwrap().len(), 2);
     assert!(injected["tokens"][0].as_str().unwrap().starts_with("fp:"));
-    sup.wait_audit("credential.withheld", |r| r["host"] == "bank.test");
+    sup.wait_audit("credential.withheld", |r| {
+        r["event"] == "credential.withheld" && r["host"] == "bank.test"
+    });
 }
 
 const SESSION_VALUE: &str = "SECRET-SESSION-5e7a11";
@@ -177,7 +181,9 @@ fn a_login_cookie_is_captured_into_the_vault_and_never_reaches_the_browser() {
     let audit = std::fs::read_to_string(&sup.audit).unwrap();
     assert!(!audit.contains(SESSION_VALUE));
     assert!(!sup.stderr_text().contains(SESSION_VALUE));
-    let captured = sup.wait_audit("credential.captured", |r| r["cookie"] == "bank_session");
+    let captured = sup.wait_audit("credential.captured", |r| {
+        r["event"] == "credential.captured" && r["cookie"] == "bank_session"
+    });
     assert_eq!(captured["credential"], "bank");
     assert!(captured["token"].as_str().unwrap().starts_with("fp:"));
     let account = seen
@@ -192,13 +198,17 @@ fn a_login_cookie_is_captured_into_the_vault_and_never_reaches_the_browser() {
         "non-secret cookies of the site ride too: {account}"
     );
     // The session view names credentials, never their values.
-    let (_, view) = sup.api(
-        "GET",
-        &format!("/v1/sessions/{}", s["id"].as_str().unwrap()),
-        None,
-    );
+    let id = s["id"].as_str().unwrap();
+    let (_, view) = sup.api("GET", &format!("/v1/sessions/{id}"), None);
     assert_eq!(view["credentials"][0]["id"], "bank");
     assert_no_secrets("the session view", &view.to_string());
+    // The purge zeroizes the vault and says so.
+    let (status, _) = sup.api("DELETE", &format!("/v1/sessions/{id}"), None);
+    assert_eq!(status, 200);
+    let purged = sup.wait_audit("session.purged", |r| {
+        r["event"] == "session.purged" && r["session"] == id
+    });
+    assert_eq!(purged["credentials_zeroized"], 1, "{purged}");
 }
 
 /// chromiumoxide asks to ignore certificate errors by default; a session holding credentials

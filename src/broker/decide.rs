@@ -83,8 +83,9 @@ pub struct Injected {
     pub tokens: Vec<String>,
 }
 
-/// The broker's answer for one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The broker's answer for one request. Its `Debug` shows header names only: the header list
+/// carries injected values.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Send it; with `headers`, replace the request's headers by these.
     Continue {
@@ -112,6 +113,43 @@ pub enum Decision {
         /// How it was encoded.
         encoding: Encoding,
     },
+}
+
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Continue {
+                headers,
+                injected,
+                stripped,
+                withheld,
+            } => f
+                .debug_struct("Continue")
+                .field(
+                    "headers",
+                    &headers
+                        .as_ref()
+                        .map(|h| h.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()),
+                )
+                .field("injected", injected)
+                .field("stripped", stripped)
+                .field("withheld", withheld)
+                .finish(),
+            Decision::Block { headers } => {
+                f.debug_struct("Block").field("headers", headers).finish()
+            }
+            Decision::Exfiltration {
+                credential,
+                location,
+                encoding,
+            } => f
+                .debug_struct("Exfiltration")
+                .field("credential", credential)
+                .field("location", location)
+                .field("encoding", encoding)
+                .finish(),
+        }
+    }
 }
 
 /// Decides `req` against `vault` under the mandate's `unlisted` rule.
@@ -589,10 +627,14 @@ mod tests {
         let v = vault();
         let u = url("http://bank.test/");
         let d = decide(&req(&u, &[], same_site()), &v, UnlistedCredentials::Strip);
-        let Decision::Continue { injected, .. } = &d else {
-            panic!()
-        };
-        let shown = format!("{injected:?} {v:?}");
+        assert!(matches!(
+            &d,
+            Decision::Continue {
+                injected: Some(_),
+                ..
+            }
+        ));
+        let shown = format!("{d:?} {v:?}");
         assert!(!shown.contains(COOKIE) && !shown.contains(TOKEN), "{shown}");
     }
 

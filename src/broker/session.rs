@@ -29,7 +29,7 @@ use super::decide::{decide, Context, Decision, Request};
 use crate::browser::conn::FILES_DIR;
 use crate::browser::BrowserConn;
 use crate::gate::HeldCell;
-use crate::mandate::{OnLeak, UnlistedCredentials, ValidMandate};
+use crate::mandate::{Credential, OnLeak, UnlistedCredentials, ValidMandate};
 use crate::vault::jar::site_of;
 use crate::vault::{FingerprintKey, Vault};
 
@@ -146,14 +146,17 @@ impl Broker {
     pub async fn start(
         conn: &BrowserConn,
         mandate: &ValidMandate,
+        credentials: Vec<Credential>,
         key: FingerprintKey,
         events: Arc<dyn BrokerEvents>,
         confirm_within: Duration,
     ) -> Result<Option<Broker>, String> {
-        if mandate.source.credentials.is_empty() {
+        if credentials.is_empty() {
             return Ok(None);
         }
-        let vault = Vault::new(&mandate.source.credentials, key)
+        // The vault copies the values into its own secrets; `credentials` (zeroizing) is
+        // dropped at the end of this function.
+        let vault = Vault::new(&credentials, key)
             .map_err(|e| format!("vault: a mandate cookie was refused: {e}"))?;
         let held = conn.held();
         held.set(vault.held(FILES_DIR));
@@ -222,6 +225,16 @@ impl Broker {
     /// What the gate keeps from agents (kept current by the broker).
     pub fn held(&self) -> Arc<HeldCell> {
         self.state.held.clone()
+    }
+
+    /// Part of the purge: drops (and so zeroizes) every held value, in the vault and in the
+    /// gate's view, and stops injecting. Returns how many credentials were held.
+    pub fn purge(&self) -> usize {
+        let mut vault = lock(&self.state.vault);
+        let held = vault.credentials().len();
+        *vault = Vault::empty();
+        self.state.held.set(crate::gate::Held::nothing(FILES_DIR));
+        held
     }
 
     /// `host` with held values cut out, for logs and audit records.
@@ -537,7 +550,7 @@ impl State {
         };
         if credential_site {
             if p.get("networkId").is_none() {
-                tracing::info!(%host, frame, main_frame = context.main_frame, "a credential site's request has no network id: deciding without Chromium's same-site verdict");
+                tracing::info!(%site, main_frame = context.main_frame, "a credential site's request has no network id: deciding without Chromium's same-site verdict");
             }
             if let Some(nid) = p.get("networkId").and_then(Value::as_str) {
                 self.wait_for(nid, |c| c.same_site.map.contains_key(nid))
@@ -687,14 +700,14 @@ impl State {
             return;
         };
         let Some(nid) = p.get("networkId").and_then(Value::as_str) else {
-            tracing::warn!(%host, "a credential site's response has no network id; its cookies cannot be captured");
+            tracing::warn!(site = %site_of(&host), "a credential site's response has no network id; its cookies cannot be captured");
             return;
         };
         if !self
             .wait_for(nid, |c| c.extra_info.map.contains_key(nid))
             .await
         {
-            tracing::warn!(%host, "no response headers arrived for a credential site's response; its cookies were not captured");
+            tracing::warn!(site = %site_of(&host), "no response headers arrived for a credential site's response; its cookies were not captured");
             return;
         }
         let lines = lock(&self.corr)
@@ -713,7 +726,9 @@ impl State {
                     Ok((token, cookie)) => {
                         captured.push((vault.credentials()[cred].id.clone(), cookie, token))
                     }
-                    Err(e) => tracing::info!(%host, error = %e, "a Set-Cookie was not captured"),
+                    Err(e) => {
+                        tracing::info!(site = %site_of(&host), error = %e, "a Set-Cookie was not captured")
+                    }
                 }
             }
             if !captured.is_empty() {

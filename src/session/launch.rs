@@ -166,6 +166,12 @@ async fn launch(
             Broker::start(
                 &conn,
                 &session.mandate,
+                std::mem::take(
+                    &mut *session
+                        .credentials
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                ),
                 reg.fingerprints.clone(),
                 broker_events,
                 cfg.browser.launch_timeout,
@@ -217,6 +223,7 @@ async fn launch(
     if broker.is_some() {
         tracing::info!(session = %session.id, "credential interception confirmed");
     }
+    *session.broker.lock().unwrap_or_else(|p| p.into_inner()) = broker.clone();
     Ok((BrowserInfo::new(conn, version, degraded, spare), handle))
 }
 
@@ -326,6 +333,18 @@ async fn end(
         tracing::error!(session = %session.id, error = %e, "could not record the session's end");
     }
     session.ending.cancel();
+    // Held values go first: nothing is injected from here on, whatever the kill takes.
+    let broker = session
+        .broker
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let credentials_zeroized = broker.map_or(0, |b| b.purge());
+    session
+        .credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     reg.metrics
         .sessions_ended
         .get_or_create(&ReasonLabel {
@@ -338,7 +357,8 @@ async fn end(
         None => Ok(json!({"processes_left": 0, "note": "no sandbox was started"})),
     };
     match verified {
-        Ok(facts) => {
+        Ok(mut facts) => {
+            facts["credentials_zeroized"] = credentials_zeroized.into();
             if let Err(e) = reg
                 .audit
                 .record("session.purged", Some(&session.id), facts)

@@ -118,6 +118,11 @@ pub struct Session {
     pub ending: CancellationToken,
     browser: Mutex<Option<BrowserInfo>>,
     end_request: Mutex<Option<tokio::sync::oneshot::Sender<EndReason>>>,
+    /// The mandate's credentials with their values, until the broker's vault takes them (the
+    /// copy in `mandate` has empty values).
+    pub(crate) credentials: Mutex<Vec<crate::mandate::Credential>>,
+    /// The credential broker, while the session holds credentials.
+    pub(crate) broker: Mutex<Option<crate::broker::Broker>>,
 }
 
 /// What the supervisor knows about a running browser.
@@ -293,11 +298,14 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 pub(crate) fn new_session(
-    mandate: ValidMandate,
+    mut mandate: ValidMandate,
     now: OffsetDateTime,
 ) -> (Arc<Session>, tokio::sync::oneshot::Receiver<EndReason>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let credentials = mandate.source.take_credentials();
     let s = Session {
+        credentials: Mutex::new(credentials),
+        broker: Mutex::new(None),
         id: random_hex(8),
         capability: random_hex(32),
         mandate,

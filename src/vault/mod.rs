@@ -171,6 +171,15 @@ impl Vault {
         Ok(vault)
     }
 
+    /// A vault that holds nothing (what a purged session's broker is left with).
+    pub fn empty() -> Vault {
+        Vault {
+            key: FingerprintKey::random(),
+            creds: Vec::new(),
+            detectors: vec![None],
+        }
+    }
+
     /// Whether the mandate gave any credential.
     pub fn is_empty(&self) -> bool {
         self.creds.is_empty()
