@@ -1,0 +1,1937 @@
+//! The credential broker's cost, measured in the same run on the same machine.
+//!
+//! `scripts/bench.sh` runs this after `benches/session.rs` (which rewrites the whole of
+//! `BENCHMARKS.md`); this program replaces only its own section, between
+//! `<!-- credentials:begin -->` and `<!-- credentials:end -->`, and appends it when absent.
+//! Two figures:
+//!
+//! 1. **Page load on a credential site**: `Page.navigate` → the page's `load` lifecycle event
+//!    for a page with 100 subresources served by a local HTTP/1.1 server (in this process, on
+//!    its own thread), on a fresh page each run. Bare Chromium (as `nobody`, its own sandbox
+//!    on, `--host-resolver-rules` for the site) against a chaperone session whose mandate holds
+//!    a credential (cookie + `Authorization`) for that site, so every request is intercepted
+//!    and gets the credential injected; every chaperone run checks that the server received
+//!    the injected credential on the page and on all 100 subresources. A chaperone session
+//!    without credentials (no interception, the same sandbox and egress proxy) runs alongside,
+//!    so the difference splits into what the sandbox's network path costs and what the
+//!    interception costs. One browser per side for all runs (steady state), medians of
+//!    `BENCH_RUNS` runs after one discarded warm-up, the sides' order rotating run by run.
+//! 2. **Per-request decision**: [`chaperone::broker::decide::decide`] on a browser-like request
+//!    (credential site, non-credential site, request carrying a held value), medians of the
+//!    per-call time over batches.
+//!
+//! Every wait is bounded, and every browser, supervisor, server thread and temporary directory
+//! is gone when the program ends, on failure too.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use chaperone::broker::decide::{decide, Context, Decision, Request};
+use chaperone::browser::chromium;
+use chaperone::config::ControlAddr;
+use chaperone::mandate::{Mandate, UnlistedCredentials};
+use chaperone::vault::{FingerprintKey, Vault};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use url::Url;
+
+const CHROMIUM: &str = "/usr/lib/chromium/chromium";
+/// Hang guard for one CDP answer, one control request, one browser start.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Hang guard for one page load.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Hang guard for "every process is gone".
+const GONE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The credential's site; both browsers reach it at 127.0.0.1.
+const SITE: &str = "bank.test";
+/// Subresources of the page (the issue's figure).
+const SUBRESOURCES: usize = 100;
+/// Events kept while waiting for an answer (a page load emits a few dozen).
+const EVENT_BACKLOG: usize = 10_000;
+
+const BEGIN: &str = "<!-- credentials:begin -->";
+const END: &str = "<!-- credentials:end -->";
+
+/// Targets from the issue.
+const LOAD_RATIO_TARGET: f64 = 1.10;
+const DECIDE_TARGET_US: f64 = 20.0;
+
+/// A valid 1×1 transparent PNG: every subresource decodes, so the page checks that all loaded.
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0a, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00, 0x01, 0x00, 0x00,
+    0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae,
+    0x42, 0x60, 0x82,
+];
+
+/// Run in the page right after its load event: what loaded, the page's own load time, and from
+/// the subresources' resource timing the most of them in flight at once and the median time
+/// from sending a request to the end of its response.
+const CHECK_JS: &str = "(() => { \
+    const n = performance.getEntriesByType('navigation')[0]; \
+    const images = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length; \
+    const spans = performance.getEntriesByType('resource').filter(e => e.name.includes('/r/')) \
+        .map(e => [e.requestStart || e.startTime, e.responseEnd]); \
+    const edges = spans.flatMap(([a, b]) => [[a, 1], [b, -1]]) \
+        .sort((x, y) => x[0] - y[0] || x[1] - y[1]); \
+    let now = 0, peak = 0; \
+    for (const [, d] of edges) { now += d; peak = Math.max(peak, now); } \
+    const lat = spans.map(([a, b]) => b - a).sort((x, y) => x - y); \
+    return {href: location.href, images, load: n ? n.loadEventStart : -1, peak, \
+            latency: lat.length ? lat[lat.length >> 1] : -1}; })()";
+
+fn main() {
+    // `cargo bench` and scripts/bench.sh pass `--bench`; `cargo test --all-targets` runs this
+    // program too, without it, and a minutes-long benchmark has no place in the test suite.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("bench: skipped (run scripts/bench.sh, or `cargo bench --bench credentials`)");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run()) {
+        eprintln!("bench: FAILED: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+struct Settings {
+    runs: usize,
+    batches: usize,
+    calls: usize,
+    out: PathBuf,
+}
+
+impl Settings {
+    fn from_env() -> anyhow::Result<Settings> {
+        let num = |name: &str, default: u64| -> anyhow::Result<u64> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .parse()
+                    .with_context(|| format!("{name}={v:?}: expected a whole number")),
+                Err(_) => Ok(default),
+            }
+        };
+        let runs = num("BENCH_RUNS", 10)? as usize;
+        if runs < 1 {
+            bail!("BENCH_RUNS must be at least 1");
+        }
+        Ok(Settings {
+            runs,
+            batches: num("BENCH_DECIDE_BATCHES", 200)?.max(1) as usize,
+            calls: num("BENCH_DECIDE_CALLS", 1000)?.max(1) as usize,
+            out: std::env::var_os("BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md")),
+        })
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let s = Settings::from_env()?;
+    if !Path::new(CHROMIUM).exists() {
+        bail!("{CHROMIUM} is not installed (scripts/setup.sh installs it)");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("run the benchmark as root (bare Chromium is started as `nobody`)");
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .context("looking up user nobody")?
+        .ok_or_else(|| anyhow!("user `nobody` does not exist on this machine"))?;
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let load_before = loadavg();
+
+    // The micro-benchmark first, while none of our browsers exists to steal a core.
+    eprintln!(
+        "bench: decide(): {} batches × {} calls per scenario",
+        s.batches, s.calls
+    );
+    let micro = decide_bench(&s)?;
+    for m in &micro {
+        eprintln!(
+            "bench: decide(), {}: median {:.2} µs per call",
+            m.name,
+            median(&m.per_call_us)
+        );
+    }
+
+    let secrets = Secrets::random();
+    let bank = Bank::start(&secrets)?;
+    let work = tempfile::Builder::new()
+        // Short: Chromium's singleton socket lives below it and a socket path has at most
+        // 107 bytes (a longer prefix made bare Chromium exit at start under scripts/bench.sh).
+        .prefix("cred-")
+        .tempdir()
+        .context("creating the bench's temporary directory")?;
+    // `nobody` must reach the bare profile below it.
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
+    let mut sup = Supervisor::start(work.path()).await?;
+    let result = pages(&s, &sup, &bank, &secrets, work.path(), &nobody).await;
+    let stopped = sup.stop().await;
+    drop(bank);
+    let pages = result?;
+    stopped?;
+
+    let machine = Machine {
+        date,
+        load_before,
+        chromium: pages.chromium.clone(),
+    };
+    let section = render(&s, &pages, &micro, &machine);
+    write_section(&s.out, &section)?;
+    eprintln!(
+        "bench: wrote the credential broker's section of {}",
+        s.out.display()
+    );
+    Ok(())
+}
+
+struct Machine {
+    date: String,
+    load_before: String,
+    chromium: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decision micro-benchmark.
+
+struct Micro {
+    name: &'static str,
+    /// What the call returns (checked once before timing).
+    expected: &'static str,
+    /// A part of the decision for the request to another site, timed on its own to show where its time goes.
+    part: bool,
+    per_call_us: Vec<f64>,
+}
+
+/// Headers Chromium 156 sends with a `fetch()` POST of JSON, as Fetch shows them at the
+/// Request stage (12 of them; no `Cookie`: a credential site's browser cookies are blocked).
+fn browser_headers(origin: &str) -> Vec<(String, String)> {
+    [
+        (
+            "sec-ch-ua",
+            "\"Chromium\";v=\"156\", \"Not)A;Brand\";v=\"24\"",
+        ),
+        ("sec-ch-ua-mobile", "?0"),
+        ("sec-ch-ua-platform", "\"Linux\""),
+        (
+            "User-Agent",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) \
+             HeadlessChrome/156.0.0.0 Safari/537.36",
+        ),
+        ("Accept", "application/json, text/plain, */*"),
+        ("Accept-Language", "en-US,en;q=0.9"),
+        ("Content-Type", "application/json"),
+        ("Origin", origin),
+        (
+            "Referer",
+            &format!("{origin}/accounts/checking?tab=activity&page=3"),
+        ),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "cors"),
+        ("Sec-Fetch-Dest", "empty"),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A 1 KiB JSON body such as a banking page posts.
+fn json_body() -> Vec<u8> {
+    let mut b = String::from(
+        r#"{"from":"checking-0012","to":"savings-0099","amount":"125.00","currency":"EUR","#,
+    );
+    b.push_str(r#""memo":"monthly transfer","items":["#);
+    let mut i = 0;
+    while b.len() < 1000 {
+        let _ = write!(
+            b,
+            r#"{{"ref":"INV-2024-{i:05}","amount":"{}.{:02}"}},"#,
+            10 + i * 7,
+            i * 13 % 100
+        );
+        i += 1;
+    }
+    b.pop();
+    b.push_str("]}");
+    while b.len() < 1024 {
+        b.insert(b.len() - 2, ' ');
+    }
+    b.into_bytes()
+}
+
+fn decide_bench(s: &Settings) -> anyhow::Result<Vec<Micro>> {
+    let secrets = Secrets::random();
+    let mandate = json!({
+        "agent": "bench",
+        "ttl_secs": 600,
+        "credentials": [
+            {"id": "bank", "site": SITE,
+             "cookies": [{"name": "sid", "value": secrets.cookie}],
+             "headers": {"Authorization": format!("Bearer {}", secrets.token)}},
+            {"id": "mail", "site": "mail.test",
+             "headers": {"X-Api-Key": secrets.other}},
+        ],
+    });
+    let m = Mandate::from_json(&mandate.to_string()).context("the bench's mandate")?;
+    let vault =
+        Vault::new(&m.credentials, FingerprintKey::random()).context("the bench's vault")?;
+    let body = json_body();
+    let mut leaky = body.clone();
+    // Last, so the scan goes through everything else first; base64, as a page would hide it.
+    {
+        use base64::Engine;
+        let hidden = base64::engine::general_purpose::STANDARD.encode(&secrets.cookie);
+        let at = leaky.len() - 2;
+        leaky.splice(at..at, format!(",\"x\":\"{hidden}\"").into_bytes());
+    }
+    let query = "account=checking-0012&period=2024-05&q=monthly%20statement&page=2";
+    let bank_url = Url::parse(&format!("https://{SITE}/api/v2/transfers?{query}"))?;
+    let shop_url = Url::parse(&format!("https://www.shop.test/api/v2/orders?{query}"))?;
+    let evil_url = Url::parse(&format!("https://collect.evil.test/api/v2/c?{query}"))?;
+    let bank_headers = browser_headers(&format!("https://{SITE}"));
+    let shop_headers = browser_headers("https://www.shop.test");
+    let evil_headers = browser_headers("https://collect.evil.test");
+    let context = Context {
+        document: false,
+        main_frame: true,
+        same_site: Some(true),
+    };
+    let request = |url, headers, body| Request {
+        url,
+        method: "POST",
+        headers,
+        body,
+        context: context.clone(),
+    };
+    type Check = fn(&Decision) -> bool;
+    let scenarios: [(&'static str, &'static str, Request<'_>, Check); 3] = [
+        (
+            "to the credential's site, same-site context",
+            "cookie and Authorization injected",
+            request(&bank_url, &bank_headers, &body),
+            |d| {
+                matches!(d, Decision::Continue { injected: Some(i), headers: Some(_), .. }
+                    if i.tokens.len() == 2)
+            },
+        ),
+        (
+            "to another site, no authentication headers",
+            "sent untouched",
+            request(&shop_url, &shop_headers, &body),
+            |d| {
+                matches!(
+                    d,
+                    Decision::Continue {
+                        headers: None,
+                        injected: None,
+                        withheld: None,
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "to another site, the held cookie base64-encoded at the end of the body",
+            "failed as exfiltration",
+            request(&evil_url, &evil_headers, &leaky),
+            |d| matches!(d, Decision::Exfiltration { credential, .. } if credential == "bank"),
+        ),
+    ];
+    for (name, _, req, check) in &scenarios {
+        let d = decide(req, &vault, UnlistedCredentials::Strip);
+        if !check(&d) {
+            bail!("decide() on the {name:?} request did not decide as expected: {d:?}");
+        }
+    }
+    // The leak scan as `decide` runs it for the request to another site (host, URL, every header
+    // value then name, body), split up: it is most of that decision's time.
+    let everyone = vault
+        .detector_for(None)
+        .ok_or_else(|| anyhow!("the bench's vault has no leak detector"))?;
+    type Case<'a> = (&'static str, &'static str, bool, Box<dyn Fn() + 'a>);
+    let mut cases: Vec<Case<'_>> = Vec::new();
+    for (name, expected, req, _) in &scenarios {
+        let vault = &vault;
+        cases.push((
+            name,
+            expected,
+            false,
+            Box::new(move || {
+                black_box(decide(
+                    black_box(req),
+                    black_box(vault),
+                    UnlistedCredentials::Strip,
+                ));
+            }),
+        ));
+    }
+    cases.extend::<[Case<'_>; 3]>([
+        (
+            "the 1 KiB body",
+            "nothing found",
+            true,
+            Box::new(|| {
+                black_box(everyone.find(black_box(&body)));
+            }),
+        ),
+        (
+            "the URL (its query has a percent-escape)",
+            "nothing found",
+            true,
+            Box::new(|| {
+                black_box(everyone.find(black_box(shop_url.as_str().as_bytes())));
+            }),
+        ),
+        (
+            "the 12 headers (value, then name)",
+            "nothing found",
+            true,
+            Box::new(|| {
+                for (n, v) in black_box(&shop_headers) {
+                    black_box(
+                        everyone
+                            .find(v.as_bytes())
+                            .or_else(|| everyone.find(n.as_bytes())),
+                    );
+                }
+            }),
+        ),
+    ]);
+    let mut out: Vec<Micro> = cases
+        .iter()
+        .map(|(name, expected, part, _)| Micro {
+            name,
+            expected,
+            part: *part,
+            per_call_us: Vec::with_capacity(s.batches),
+        })
+        .collect();
+    // One discarded batch each, then the cases take turns batch by batch, so drift on the
+    // machine hits all of them alike.
+    for batch in 0..=s.batches {
+        for (i, (.., f)) in cases.iter().enumerate() {
+            let t = Instant::now();
+            for _ in 0..s.calls {
+                f();
+            }
+            let per_call = t.elapsed().as_secs_f64() * 1e6 / s.calls as f64;
+            if batch > 0 {
+                out[i].per_call_us.push(per_call);
+            }
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bank: a local HTTP/1.1 server on its own thread.
+
+/// The held values of one bench run (random, so nothing else can produce them by chance).
+struct Secrets {
+    cookie: String,
+    token: String,
+    other: String,
+}
+
+impl Secrets {
+    fn random() -> Secrets {
+        let r = || hex::encode(rand::random::<[u8; 12]>());
+        Secrets {
+            cookie: format!("bench-sid-{}", r()),
+            token: format!("bench-token-{}", r()),
+            other: format!("bench-key-{}", r()),
+        }
+    }
+}
+
+/// What the bank saw of one request.
+struct Hit {
+    path: String,
+    /// Which TCP connection it came on (numbered by the server as it accepts them).
+    conn: u64,
+    /// It carried the held cookie and the held `Authorization` header.
+    authenticated: bool,
+    /// It carried a `Cookie` or `Authorization` header at all.
+    any_auth: bool,
+}
+
+struct Bank {
+    port: u16,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Bank {
+    fn start(secrets: &Secrets) -> anyhow::Result<Bank> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding the bank's socket")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let expect = Arc::new((
+            format!("sid={}", secrets.cookie),
+            format!("Bearer {}", secrets.token),
+        ));
+        let page = Bytes::from(page_html());
+        let recorder = hits.clone();
+        let thread = std::thread::Builder::new()
+            .name("bank".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let mut accepted = 0u64;
+                    loop {
+                        let tcp = tokio::select! {
+                            a = listener.accept() => a?.0,
+                            _ = &mut stopped => return Ok(()),
+                        };
+                        tcp.set_nodelay(true)?;
+                        accepted += 1;
+                        let conn = accepted;
+                        let (hits, page, expect) = (recorder.clone(), page.clone(), expect.clone());
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                let resp = respond(&req, conn, &hits, &page, &expect);
+                                async move { Ok::<_, Infallible>(resp) }
+                            });
+                            // A connection's end (the browser or the proxy closing it) is
+                            // not the bench's business; the checks count what arrived.
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .keep_alive(true)
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .await;
+                        });
+                    }
+                })
+            })
+            .context("starting the bank's thread")?;
+        Ok(Bank {
+            port,
+            hits,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{SITE}:{}/page", self.port)
+    }
+
+    /// The requests received since the last call.
+    fn take(&self) -> Vec<Hit> {
+        std::mem::take(&mut *self.hits.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for Bank {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Err(e)) => eprintln!("bench: the bank server failed: {e:#}"),
+                Err(_) => eprintln!("bench: the bank server panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+fn page_html() -> String {
+    let mut p = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>bank</title></head><body>\n",
+    );
+    for i in 0..SUBRESOURCES {
+        let _ = writeln!(
+            p,
+            "<img src=\"/r/{i}.png\" width=\"1\" height=\"1\" alt=\"\">"
+        );
+    }
+    p.push_str("</body></html>\n");
+    p
+}
+
+fn respond(
+    req: &hyper::Request<hyper::body::Incoming>,
+    conn: u64,
+    hits: &Mutex<Vec<Hit>>,
+    page: &Bytes,
+    expect: &(String, String),
+) -> hyper::Response<Full<Bytes>> {
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let cookie = header("cookie");
+    let authorization = header("authorization");
+    let path = req.uri().path().to_string();
+    let hit = Hit {
+        authenticated: cookie.is_some_and(|c| c.split(';').any(|p| p.trim() == expect.0))
+            && authorization == Some(expect.1.as_str()),
+        any_auth: cookie.is_some() || authorization.is_some(),
+        conn,
+        path: path.clone(),
+    };
+    hits.lock().unwrap_or_else(|p| p.into_inner()).push(hit);
+    let (status, kind, body) = if path == "/page" {
+        (200, "text/html; charset=utf-8", page.clone())
+    } else if path.starts_with("/r/") && path.ends_with(".png") {
+        (200, "image/png", Bytes::from_static(PNG))
+    } else {
+        (404, "text/plain", Bytes::from_static(b"not found\n"))
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", kind)
+        // Every run loads every subresource from the server: nothing comes from a cache.
+        .header("cache-control", "no-store")
+        .body(Full::new(body))
+        .expect("a response from fixed parts")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page loads: three sides, one browser each.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Bare,
+    /// A chaperone session without credentials: no interception.
+    Plain,
+    /// A chaperone session with a credential for the site: every request intercepted.
+    Broker,
+}
+
+const SIDES: [Side; 3] = [Side::Bare, Side::Plain, Side::Broker];
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Bare => "bare",
+            Side::Plain => "chaperone, no credentials",
+            Side::Broker => "chaperone, credential",
+        }
+    }
+}
+
+/// One page load.
+#[derive(Clone)]
+struct Load {
+    /// `Page.navigate` sent → `load` lifecycle event received.
+    ms: f64,
+    /// The page's own `loadEventStart` (navigation timing, from navigation start).
+    in_page_ms: f64,
+    /// TCP connections the server saw for this load.
+    connections: usize,
+    /// Most subresource requests in flight at once (resource timing).
+    peak: f64,
+    /// Median subresource `requestStart` → `responseEnd` (resource timing).
+    latency_ms: f64,
+    /// CPU time the side's browser processes used during the timed span.
+    browser_cpu_ms: f64,
+    /// The same by kind of process.
+    cpu_by_kind: BTreeMap<&'static str, f64>,
+    /// CPU time `chaperone serve` used during the timed span (all its threads).
+    supervisor_cpu_ms: f64,
+}
+
+struct Pages {
+    /// Indexed like [`SIDES`].
+    loads: [Vec<Load>; 3],
+    chromium: String,
+}
+
+fn mandate(with_credential: bool, s: &Secrets) -> Value {
+    let mut m = json!({
+        "agent": "bench",
+        "ttl_secs": 3600,
+        "egress": {
+            "allow": [SITE],
+            "private_networks": ["127.0.0.0/8"],
+            "hosts": {SITE: "127.0.0.1"},
+        }
+    });
+    if with_credential {
+        m["credentials"] = json!([{
+            "id": "bank",
+            "site": SITE,
+            // Plain http to the local server: a Secure cookie would not be sent.
+            "cookies": [{"name": "sid", "value": s.cookie, "secure": false}],
+            "headers": {"Authorization": format!("Bearer {}", s.token)},
+        }]);
+    }
+    m
+}
+
+async fn pages(
+    s: &Settings,
+    sup: &Supervisor,
+    bank: &Bank,
+    secrets: &Secrets,
+    work: &Path,
+    nobody: &nix::unistd::User,
+) -> anyhow::Result<Pages> {
+    let (bare, bare_cdp, version) = tokio::time::timeout(STEP_TIMEOUT, Bare::start(work, nobody))
+        .await
+        .map_err(|_| anyhow!("bare Chromium did not answer within {STEP_TIMEOUT:?}"))??;
+    let mut sessions = Vec::new();
+    let result = measure(s, sup, bank, secrets, (&bare, bare_cdp), &mut sessions).await;
+    let mut deleted = Ok(());
+    for id in sessions {
+        match sup.api("DELETE", &format!("/v1/sessions/{id}"), None).await {
+            Ok((200 | 204, _)) => {}
+            Ok((status, body)) => {
+                deleted = Err(anyhow!(
+                    "DELETE /v1/sessions/{id} answered {status}: {body}"
+                ))
+            }
+            Err(e) => deleted = Err(e),
+        }
+    }
+    drop(bare);
+    let loads = result?;
+    deleted?;
+    Ok(Pages {
+        loads,
+        chromium: version,
+    })
+}
+
+/// Opens the two chaperone sessions (their ids go to `sessions` at once, so the caller can
+/// revoke them whatever happens), then loads the page on every side, run by run.
+async fn measure(
+    s: &Settings,
+    sup: &Supervisor,
+    bank: &Bank,
+    secrets: &Secrets,
+    (bare, bare_cdp): (&Bare, Cdp),
+    sessions: &mut Vec<String>,
+) -> anyhow::Result<[Vec<Load>; 3]> {
+    let mut cdps = vec![bare_cdp];
+    // Each session's processes: everything below the supervisor's children that appeared
+    // with it (its sandbox launcher).
+    let mut roots = Vec::new();
+    for with_credential in [false, true] {
+        let before = children(sup.pid);
+        let (status, body) = sup
+            .api(
+                "POST",
+                "/v1/sessions",
+                Some(mandate(with_credential, secrets).to_string()),
+            )
+            .await?;
+        if status != 201 {
+            bail!("POST /v1/sessions answered {status}: {body}");
+        }
+        let id = body["id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no id in {body}"))?;
+        sessions.push(id.to_string());
+        roots.push(
+            children(sup.pid)
+                .into_iter()
+                .filter(|p| !before.contains(p))
+                .collect::<Vec<_>>(),
+        );
+        let url = body["cdp_url"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no cdp_url in {body}"))?;
+        let (ws, _) = tokio::time::timeout(
+            STEP_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(url, None, true),
+        )
+        .await
+        .map_err(|_| anyhow!("websocket connect to {url}: no answer"))?
+        .with_context(|| format!("websocket connect to {url}"))?;
+        let mut cdp = Cdp::new(Transport::Ws(Box::new(ws)));
+        cdp.call("Browser.getVersion", json!({}), None).await?;
+        cdps.push(cdp);
+    }
+    let watches = [
+        CpuWatch {
+            procs: Box::new(|| bare.processes()),
+            supervisor: sup.pid,
+        },
+        CpuWatch {
+            procs: Box::new(|| under(&roots[0])),
+            supervisor: sup.pid,
+        },
+        CpuWatch {
+            procs: Box::new(|| under(&roots[1])),
+            supervisor: sup.pid,
+        },
+    ];
+
+    let url = bank.url();
+    let mut loads: [Vec<Load>; 3] = Default::default();
+    for i in 0..=s.runs {
+        let warmup = i == 0;
+        let label = if warmup {
+            "warm-up".to_string()
+        } else {
+            format!("run {i}/{}", s.runs)
+        };
+        let mut this: [Option<Load>; 3] = [None, None, None];
+        // Each side takes each place in the order equally often.
+        for k in 0..SIDES.len() {
+            let j = (i + k) % SIDES.len();
+            let side = SIDES[j];
+            bank.take();
+            let (took, check, cpu) = load(&mut cdps[j], &url, &watches[j])
+                .await
+                .with_context(|| format!("{}, {label}", side.name()))?;
+            let hits = bank.take();
+            let l = verify(side, &url, took, cpu, &check, &hits)
+                .with_context(|| format!("{}, {label}", side.name()))?;
+            this[j] = Some(l);
+        }
+        let this = this.map(|l| l.expect("every side ran"));
+        eprintln!(
+            "bench: {label}: {:.0} / {:.0} / {:.0} ms, {} / {} / {} connections (bare / chaperone without / with credential)",
+            this[0].ms, this[1].ms, this[2].ms,
+            this[0].connections, this[1].connections, this[2].connections,
+        );
+        if !warmup {
+            for (j, l) in this.into_iter().enumerate() {
+                loads[j].push(l);
+            }
+        }
+    }
+    Ok(loads)
+}
+
+/// Checks that the load was complete and, on the credential side, that every request of it
+/// reached the server authenticated (otherwise the figure would not measure injection).
+fn verify(
+    side: Side,
+    url: &str,
+    took: Duration,
+    cpu: Cpu,
+    check: &Value,
+    hits: &[Hit],
+) -> anyhow::Result<Load> {
+    if check["href"] != url {
+        bail!("the page ended up at {} instead of {url}", check["href"]);
+    }
+    if check["images"] != SUBRESOURCES {
+        bail!(
+            "{} of {SUBRESOURCES} images loaded by the load event",
+            check["images"]
+        );
+    }
+    let ours: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| h.path == "/page" || h.path.starts_with("/r/"))
+        .collect();
+    let subresources: BTreeSet<&str> = ours
+        .iter()
+        .filter(|h| h.path.starts_with("/r/"))
+        .map(|h| h.path.as_str())
+        .collect();
+    if subresources.len() != SUBRESOURCES || ours.len() != SUBRESOURCES + 1 {
+        bail!(
+            "the server got {} requests for the page and {} distinct subresources; expected 1 \
+             and {SUBRESOURCES}, each once (is something caching despite no-store?)",
+            ours.len() - ours.iter().filter(|h| h.path.starts_with("/r/")).count(),
+            subresources.len()
+        );
+    }
+    match side {
+        Side::Broker => {
+            let missing = ours.iter().filter(|h| !h.authenticated).count();
+            if missing > 0 {
+                bail!(
+                    "{missing} of {} requests reached the server without the injected cookie and \
+                     Authorization header: the broker did not inject, so the figure would not \
+                     measure it",
+                    ours.len()
+                );
+            }
+        }
+        Side::Bare | Side::Plain => {
+            if ours.iter().any(|h| h.any_auth) {
+                bail!("a request without a credential in play carried Cookie or Authorization");
+            }
+        }
+    }
+    Ok(Load {
+        ms: ms(took),
+        in_page_ms: check["load"].as_f64().unwrap_or(f64::NAN),
+        connections: hits.iter().map(|h| h.conn).collect::<BTreeSet<_>>().len(),
+        peak: check["peak"].as_f64().unwrap_or(f64::NAN),
+        latency_ms: check["latency"].as_f64().unwrap_or(f64::NAN),
+        browser_cpu_ms: cpu.by_kind.values().sum(),
+        cpu_by_kind: cpu.by_kind,
+        supervisor_cpu_ms: cpu.supervisor_ms,
+    })
+}
+
+/// What `load` measured: the time, the page's own account, CPU (browser, supervisor) in ms.
+type Measured = (Duration, Value, Cpu);
+
+/// Loads `url` on a fresh page and closes the page again.
+async fn load(cdp: &mut Cdp, url: &str, cpu: &CpuWatch<'_>) -> anyhow::Result<Measured> {
+    let created = cdp
+        .call("Target.createTarget", json!({"url": "about:blank"}), None)
+        .await?;
+    let target = created["targetId"]
+        .as_str()
+        .ok_or_else(|| anyhow!("Target.createTarget gave no targetId: {created}"))?
+        .to_string();
+    let result = load_in(cdp, &target, url, cpu).await;
+    let closed = cdp
+        .call("Target.closeTarget", json!({"targetId": target}), None)
+        .await;
+    let r = result?;
+    closed?;
+    Ok(r)
+}
+
+async fn load_in(
+    cdp: &mut Cdp,
+    target: &str,
+    url: &str,
+    cpu: &CpuWatch<'_>,
+) -> anyhow::Result<Measured> {
+    let attached = cdp
+        .call(
+            "Target.attachToTarget",
+            json!({"targetId": target, "flatten": true}),
+            None,
+        )
+        .await?;
+    let session = attached["sessionId"]
+        .as_str()
+        .ok_or_else(|| anyhow!("Target.attachToTarget gave no sessionId: {attached}"))?
+        .to_string();
+    let s = Some(session.as_str());
+    cdp.call("Page.enable", json!({}), s).await?;
+    cdp.call(
+        "Page.setLifecycleEventsEnabled",
+        json!({"enabled": true}),
+        s,
+    )
+    .await?;
+    cdp.events.clear();
+    let cpu_before = cpu.sample();
+    let t0 = Instant::now();
+    let nav = cdp.call("Page.navigate", json!({"url": url}), s).await?;
+    if let Some(e) = nav["errorText"].as_str().filter(|e| !e.is_empty()) {
+        bail!("Page.navigate({url}): {e}");
+    }
+    let loader = nav["loaderId"]
+        .as_str()
+        .ok_or_else(|| anyhow!("Page.navigate gave no loaderId: {nav}"))?
+        .to_string();
+    // The `load` of this very document: the initial about:blank has another loader id.
+    let at = cdp
+        .wait_event(LOAD_TIMEOUT, |m| {
+            m["method"] == "Page.lifecycleEvent"
+                && m["sessionId"] == session.as_str()
+                && m["params"]["name"] == "load"
+                && m["params"]["loaderId"] == loader.as_str()
+        })
+        .await
+        .with_context(|| format!("waiting for {url} to load"))?;
+    let used = cpu.since(&cpu_before);
+    let check = cdp
+        .call(
+            "Runtime.evaluate",
+            json!({"expression": CHECK_JS, "returnByValue": true}),
+            s,
+        )
+        .await?;
+    Ok((at - t0, check["result"]["value"].clone(), used))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CDP over a pipe or a websocket, one request at a time, events kept for the waits.
+
+enum Transport {
+    Pipe {
+        to: ChildStdin,
+        from: BufReader<ChildStdout>,
+        buf: Vec<u8>,
+    },
+    Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
+}
+
+struct Cdp {
+    t: Transport,
+    next_id: u64,
+    /// Events received while waiting for something else, with when they arrived.
+    events: VecDeque<(Instant, Value)>,
+}
+
+impl Cdp {
+    fn new(t: Transport) -> Cdp {
+        Cdp {
+            t,
+            next_id: 0,
+            events: VecDeque::new(),
+        }
+    }
+
+    async fn send_raw(&mut self, text: String) -> anyhow::Result<()> {
+        match &mut self.t {
+            Transport::Pipe { to, .. } => {
+                let mut bytes = text.into_bytes();
+                bytes.push(0);
+                to.write_all(&bytes).await.context("writing to the pipe")?;
+            }
+            Transport::Ws(ws) => ws
+                .send(Message::text(text))
+                .await
+                .context("writing to the websocket")?,
+        }
+        Ok(())
+    }
+
+    async fn recv_raw(&mut self) -> anyhow::Result<Value> {
+        match &mut self.t {
+            Transport::Pipe { from, buf, .. } => {
+                buf.clear();
+                let n = from.read_until(0, buf).await.context("reading the pipe")?;
+                if n == 0 || buf.last() != Some(&0) {
+                    bail!("the browser closed the pipe");
+                }
+                buf.pop();
+                serde_json::from_slice(buf).context("a CDP message that is not JSON")
+            }
+            Transport::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        return serde_json::from_str(t.as_str())
+                            .context("a CDP message that is not JSON")
+                    }
+                    Some(Ok(Message::Close(f))) => bail!("the websocket was closed: {f:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("websocket: {e}"),
+                    None => bail!("the websocket ended"),
+                }
+            },
+        }
+    }
+
+    fn keep(&mut self, at: Instant, m: Value) {
+        if m.get("method").is_some() {
+            if self.events.len() >= EVENT_BACKLOG {
+                self.events.pop_front();
+            }
+            self.events.push_back((at, m));
+        }
+    }
+
+    /// Sends one command and reads until its answer; events in between are kept.
+    async fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        session: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        self.send_raw(msg.to_string()).await?;
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.recv_raw())
+                .await
+                .map_err(|_| anyhow!("no answer to {method} within {STEP_TIMEOUT:?}"))??;
+            if m.get("id").and_then(Value::as_u64) == Some(id) {
+                if let Some(e) = m.get("error") {
+                    bail!("{method} failed: {e}");
+                }
+                return Ok(m.get("result").cloned().unwrap_or(Value::Null));
+            }
+            self.keep(Instant::now(), m);
+        }
+    }
+
+    /// When the first event `want` accepts arrived (it may have arrived already).
+    async fn wait_event(
+        &mut self,
+        within: Duration,
+        want: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Instant> {
+        if let Some(i) = self.events.iter().position(|(_, m)| want(m)) {
+            let (at, _) = self.events.remove(i).expect("found just now");
+            return Ok(at);
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.recv_raw())
+                .await
+                .map_err(|_| anyhow!("the event did not arrive within {within:?}"))??;
+            let at = Instant::now();
+            if want(&m) {
+                return Ok(at);
+            }
+            self.keep(at, m);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bare Chromium.
+
+/// A bare Chromium as `nobody` with its profile; every process of it dies with this value.
+struct Bare {
+    child: Child,
+    pid: i32,
+    profile: tempfile::TempDir,
+}
+
+impl Bare {
+    /// Spawns Chromium with chaperone's flags, minus the proxy (there is none: it reaches the
+    /// site directly, mapped to 127.0.0.1) and with its own profile directory; returns once
+    /// `Browser.getVersion` was answered over the pipe, with the product name.
+    async fn start(work: &Path, nobody: &nix::unistd::User) -> anyhow::Result<(Bare, Cdp, String)> {
+        let profile = tempfile::Builder::new()
+            .prefix("bare-")
+            .tempdir_in(work)
+            .context("creating a bare profile directory")?;
+        nix::unistd::chown(profile.path(), Some(nobody.uid), Some(nobody.gid))
+            .context("giving the bare profile to nobody")?;
+        let mut args: Vec<String> = chromium::args()
+            .into_iter()
+            .filter(|a| {
+                !a.starts_with("--user-data-dir=")
+                    && !a.starts_with("--proxy-server=")
+                    && !a.starts_with("--proxy-bypass-list=")
+            })
+            .collect();
+        args.push(format!(
+            "--user-data-dir={}",
+            profile.path().join("profile").display()
+        ));
+        args.push("--no-proxy-server".into());
+        args.push(format!("--host-resolver-rules=MAP {SITE} 127.0.0.1"));
+        let home = profile.path().display().to_string();
+        let log = profile.path().join("chromium.log");
+        let env = chromium::env().into_iter().map(|(k, v)| match k.as_str() {
+            "HOME" | "TMPDIR" => (k, home.clone()),
+            _ => (k, v),
+        });
+        // The pipe ends arrive as stdin/stdout; the shell moves them to fds 3/4 (where
+        // --remote-debugging-pipe wants them) and execs Chromium, so Chromium is our child.
+        let mut child = Command::new("/usr/bin/setpriv")
+            .arg(format!("--reuid={}", nobody.uid))
+            .arg(format!("--regid={}", nobody.gid))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg("/bin/bash")
+            .arg("-c")
+            .arg(r#"exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null"#)
+            .arg(CHROMIUM)
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .current_dir(profile.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).context("creating chromium.log")?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning setpriv + bash + chromium")?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("chromium exited at once"))? as i32;
+        let to = child.stdin.take().expect("piped stdin");
+        let from = BufReader::with_capacity(1 << 16, child.stdout.take().expect("piped stdout"));
+        let bare = Bare {
+            child,
+            pid,
+            profile,
+        };
+        let mut cdp = Cdp::new(Transport::Pipe {
+            to,
+            from,
+            buf: Vec::new(),
+        });
+        let version = match cdp.call("Browser.getVersion", json!({}), None).await {
+            Ok(v) => v,
+            Err(e) => {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "bare Chromium: {e:#}; the end of its stderr:\n{}",
+                    tail.join("\n")
+                );
+            }
+        };
+        let product = version["product"].as_str().unwrap_or("unknown").to_string();
+        Ok((bare, cdp, product))
+    }
+
+    /// The browser and its descendants, plus the crashpad handlers: they double-fork out of
+    /// the tree (to the host's pid 1) and are found by their database path, which lies in this
+    /// browser's own profile directory.
+    fn processes(&self) -> Vec<i32> {
+        let mut pids = descendants(self.pid, true);
+        let marker = self.profile.path().display().to_string();
+        pids.extend(processes_mentioning(&marker));
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        let pids = self.processes();
+        for &p in &pids {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        let _ = self.child.start_kill();
+        // The profile directory is removed after this; a process still dying could add a file.
+        if let Err(e) = wait_gone(&pids) {
+            eprintln!("bench: bare Chromium: {e:#}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// chaperone.
+
+/// A running `chaperone serve` (release build) with its control socket.
+struct Supervisor {
+    child: Option<Child>,
+    pid: i32,
+    control: ControlAddr,
+    stderr: PathBuf,
+}
+
+impl Supervisor {
+    async fn start(work: &Path) -> anyhow::Result<Supervisor> {
+        let bin = env!("CARGO_BIN_EXE_chaperone");
+        let dir = work.join("supervisor");
+        std::fs::create_dir(&dir)?;
+        let sock = dir.join("control.sock");
+        let stderr = dir.join("stderr.log");
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--control")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--audit-log")
+            .arg(dir.join("audit.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {bin} serve"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("chaperone exited at once"))? as i32;
+        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut sup = Supervisor {
+            child: Some(child),
+            pid,
+            control: ControlAddr::Unix(sock),
+            stderr,
+        };
+        let mut line = String::new();
+        let read = tokio::time::timeout(STEP_TIMEOUT, out.read_line(&mut line)).await;
+        let ready: Option<Value> = serde_json::from_str(&line).ok();
+        if !matches!(read, Ok(Ok(n)) if n > 0)
+            || ready.as_ref().map(|r| &r["ready"]) != Some(&json!(true))
+        {
+            let log = std::fs::read_to_string(&sup.stderr).unwrap_or_default();
+            let _ = sup.stop().await;
+            bail!("chaperone serve printed no ready line ({line:?}); its stderr:\n{log}");
+        }
+        // Keep draining stdout so the supervisor never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut out, &mut sink).await;
+        });
+        Ok(sup)
+    }
+
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<(u16, Value)> {
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            chaperone::client::request(&self.control, None, method, path, body),
+        )
+        .await
+        .map_err(|_| anyhow!("{method} {path}: no answer within {STEP_TIMEOUT:?}"))?
+    }
+
+    /// SIGTERM (the supervisor purges its sessions), bounded; SIGKILL if that hangs. Checks
+    /// that nothing it started is left.
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let left_before = descendants(self.pid, false);
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
+        let waited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        if waited.is_err() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            bail!("chaperone serve did not stop within 30 s of SIGTERM (killed)");
+        }
+        wait_gone(&left_before)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc.
+
+/// `root`'s descendants (every thread's children, recursively), with `root` itself if asked.
+fn descendants(root: i32, include_root: bool) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        if p != root || include_root {
+            out.push(p);
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(kids) = std::fs::read_to_string(t.path().join("children")) else {
+                continue;
+            };
+            stack.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `pid`'s direct children (of every thread).
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|k| {
+            k.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `roots` and all their descendants.
+fn under(roots: &[i32]) -> Vec<i32> {
+    roots.iter().flat_map(|&r| descendants(r, true)).collect()
+}
+
+/// User + system CPU time of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: field 3 (state) is index 0, utime (14) and stime (15) 11 and 12.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+}
+
+/// `/proc` reports CPU time in USER_HZ ticks, 100 per second on Linux whatever the kernel's HZ.
+const TICK_MS: f64 = 10.0;
+
+/// The CPU time of one side's browser processes and of the supervisor, around a load.
+struct CpuWatch<'a> {
+    procs: Box<dyn Fn() -> Vec<i32> + 'a>,
+    supervisor: i32,
+}
+
+struct CpuSample {
+    browser: Vec<(i32, u64)>,
+    supervisor: u64,
+}
+
+/// CPU time used during a load, in ms.
+struct Cpu {
+    /// The side's browser processes, by kind of process.
+    by_kind: BTreeMap<&'static str, f64>,
+    /// `chaperone serve`.
+    supervisor_ms: f64,
+}
+
+impl CpuWatch<'_> {
+    fn sample(&self) -> CpuSample {
+        CpuSample {
+            browser: (self.procs)()
+                .into_iter()
+                .filter_map(|p| Some((p, cpu_ticks(p)?)))
+                .collect(),
+            supervisor: cpu_ticks(self.supervisor).unwrap_or(0),
+        }
+    }
+
+    /// CPU used since `before`. A process that started since counts whole; one that ended
+    /// since is lost (none does during a load).
+    fn since(&self, before: &CpuSample) -> Cpu {
+        let now = self.sample();
+        let mut by_kind = BTreeMap::new();
+        for (p, t) in &now.browser {
+            let was = before
+                .browser
+                .iter()
+                .find(|(q, _)| q == p)
+                .map_or(0, |(_, t)| *t);
+            *by_kind.entry(kind(*p)).or_insert(0.0) += t.saturating_sub(was) as f64 * TICK_MS;
+        }
+        Cpu {
+            by_kind,
+            supervisor_ms: now.supervisor.saturating_sub(before.supervisor) as f64 * TICK_MS,
+        }
+    }
+}
+
+/// What a browser-side process is, from its command line.
+fn kind(pid: i32) -> &'static str {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // Chromium's child processes rewrite their command line into one space-separated string.
+    if args.len() == 1 {
+        args = args[0].split(' ').map(str::to_string).collect();
+    }
+    let flag = |name: &str| {
+        let prefix = format!("--{name}=");
+        args.iter()
+            .find_map(|a| a.strip_prefix(&prefix).map(str::to_string))
+    };
+    if args.iter().any(|a| a.starts_with("__chaperone-sandbox")) {
+        return "chaperone's sandbox launcher and init";
+    }
+    if args
+        .first()
+        .is_some_and(|a| a.ends_with("chrome_crashpad_handler"))
+    {
+        return "crashpad handlers";
+    }
+    match flag("type").as_deref() {
+        None => "browser process",
+        Some("renderer") => "renderer",
+        Some("utility")
+            if flag("utility-sub-type").is_some_and(|s| s.contains("NetworkService")) =>
+        {
+            "network service"
+        }
+        Some("gpu-process") => "GPU process",
+        Some("zygote") => "zygotes",
+        Some(_) => "other utility processes",
+    }
+}
+
+/// Processes whose command line contains `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// Alive means present and not a zombie (a zombie holds no memory and runs nothing).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start())
+            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Polls (every 0.5 ms, bounded) until none of `pids` is alive.
+fn wait_gone(pids: &[i32]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + GONE_TIMEOUT;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("processes still alive {GONE_TIMEOUT:?} after SIGKILL: {left:?}");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers and the report.
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pos = q * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+}
+
+fn med_of(loads: &[Load], f: impl Fn(&Load) -> f64) -> f64 {
+    median(&loads.iter().map(f).collect::<Vec<_>>())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn read_first(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Replaces this program's section of `path` (between the markers), or appends it.
+fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
+    let old = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_string(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let block = format!("{BEGIN}\n{}\n{END}\n", section.trim_end());
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            let rest = old[e + END.len()..]
+                .strip_prefix('\n')
+                .unwrap_or(&old[e + END.len()..]);
+            format!("{}{block}{rest}", &old[..b])
+        }
+        (None, None) => format!("{}\n\n{block}", old.trim_end()),
+        _ => bail!(
+            "{} has only one of the markers {BEGIN} and {END} (or them out of order): fix the \
+             file by hand or rerun scripts/bench.sh, which rewrites it",
+            path.display()
+        ),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
+fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
+    let [bare, plain, cred] = &p.loads;
+    let med3 = |f: &dyn Fn(&Load) -> f64| (med_of(bare, f), med_of(plain, f), med_of(cred, f));
+    let t = med3(&|l| l.ms);
+    let in_page = med3(&|l| l.in_page_ms);
+    let conns = med3(&|l| l.connections as f64);
+    let peak = med3(&|l| l.peak);
+    let latency = med3(&|l| l.latency_ms);
+    let browser_cpu = med3(&|l| l.browser_cpu_ms);
+    let sup_cpu = med3(&|l| l.supervisor_cpu_ms);
+    let ratio = t.2 / t.0;
+    let interception_ratio = t.2 / t.1;
+    let verdict = |ok: bool| if ok { "pass" } else { "**MISSED**" };
+    let inject = &micro[0];
+    let inject_us = median(&inject.per_call_us);
+    let requests = SUBRESOURCES + 1;
+
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(w, "## Credential broker\n");
+    let _ = writeln!(
+        w,
+        "Written by `scripts/bench.sh` (program: `benches/credentials.rs`, run after \
+         `benches/session.rs`); rerun it rather than editing this section. Same machine as the \
+         Machine table above; this part ran as follows.\n"
+    );
+    let commit = std::env::var("BENCH_COMMIT").unwrap_or_else(|_| "unknown".into());
+    let _ = writeln!(w, "| | |\n|---|---|");
+    let _ = writeln!(w, "| date (UTC) | {} |", m.date);
+    let _ = writeln!(
+        w,
+        "| CPU | {} × `{}` (`nproc`) |",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        read_first("/proc/cpuinfo", "model name")
+    );
+    let _ = writeln!(w, "| Chromium | {} (`{CHROMIUM}`) |", m.chromium);
+    let _ = writeln!(
+        w,
+        "| load average (1/5/15 min) | {} at the start, {} at the end |",
+        m.load_before,
+        loadavg()
+    );
+    let _ = writeln!(
+        w,
+        "| chaperone | commit {commit}, `cargo build --release --locked` |"
+    );
+    let _ = writeln!(
+        w,
+        "| settings | {} page-load runs per side (plus one warm-up), {SUBRESOURCES} \
+         subresources; decision: {} batches × {} calls per case |\n",
+        s.runs, s.batches, s.calls
+    );
+
+    let _ = writeln!(w, "### Results\n");
+    let _ = writeln!(
+        w,
+        "| figure | baseline | chaperone, credential | ratio | target | result |\n\
+         |---|---:|---:|---:|---|---|"
+    );
+    let _ = writeln!(
+        w,
+        "| 5. page with {SUBRESOURCES} subresources on a credential site, `Page.navigate` → \
+         `load` | {:.0} ms (bare Chromium) | {:.0} ms | {ratio:.2} × ({:+.0} ms) | ≤ \
+         {LOAD_RATIO_TARGET:.2} × bare | {} |",
+        t.0,
+        t.2,
+        t.2 - t.0,
+        verdict(ratio <= LOAD_RATIO_TARGET)
+    );
+    let _ = writeln!(
+        w,
+        "| 5b. the same, interception alone (not a target of the issue; see below) | {:.0} ms \
+         (chaperone, no credentials) | {:.0} ms | {interception_ratio:.2} × ({:+.0} ms) | ≤ \
+         {LOAD_RATIO_TARGET:.2} × | {} |",
+        t.1,
+        t.2,
+        t.2 - t.1,
+        verdict(interception_ratio <= LOAD_RATIO_TARGET)
+    );
+    let _ = writeln!(
+        w,
+        "| 6. per-request decision: `decide` on a request to the credential's site | — | \
+         {inject_us:.2} µs | — | ≤ {DECIDE_TARGET_US:.0} µs | {} |",
+        verdict(inject_us <= DECIDE_TARGET_US)
+    );
+
+    let _ = writeln!(w, "\nPage load, all three sides (medians over the runs):\n");
+    let _ = writeln!(
+        w,
+        "| | bare Chromium | chaperone, no credentials | chaperone, credential |\n\
+         |---|---:|---:|---:|"
+    );
+    let row = |w: &mut String, name: &str, v: (f64, f64, f64), unit: &str, digits: usize| {
+        let _ = writeln!(
+            w,
+            "| {name} | {:.digits$}{unit} | {:.digits$}{unit} | {:.digits$}{unit} |",
+            v.0, v.1, v.2
+        );
+    };
+    row(
+        w,
+        "`Page.navigate` → `load` event (client side)",
+        t,
+        " ms",
+        0,
+    );
+    row(w, "vs bare", (1.0, t.1 / t.0, t.2 / t.0), " ×", 2);
+    row(
+        w,
+        "the page's own `loadEventStart` (navigation timing)",
+        in_page,
+        " ms",
+        0,
+    );
+    row(
+        w,
+        "subresource `requestStart` → `responseEnd`, median (resource timing)",
+        latency,
+        " ms",
+        1,
+    );
+    row(
+        w,
+        "most subresource requests in flight at once (resource timing)",
+        peak,
+        "",
+        0,
+    );
+    row(
+        w,
+        "TCP connections the server accepted per load",
+        conns,
+        "",
+        0,
+    );
+    row(
+        w,
+        "CPU time of the side's browser processes during the load",
+        browser_cpu,
+        " ms",
+        0,
+    );
+    row(
+        w,
+        "CPU time of `chaperone serve` during the load",
+        sup_cpu,
+        " ms",
+        0,
+    );
+    let mut kinds: Vec<&'static str> = p
+        .loads
+        .iter()
+        .flatten()
+        .flat_map(|l| l.cpu_by_kind.keys().copied())
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    for k in kinds {
+        let v = med3(&|l| l.cpu_by_kind.get(k).copied().unwrap_or(0.0));
+        if v != (0.0, 0.0, 0.0) {
+            row(w, &format!("… of which {k}"), v, " ms", 0);
+        }
+    }
+
+    let _ = writeln!(
+        w,
+        "\nPer-request decision, per call ({} batches of {} calls each; the batch's time divided \
+         by its calls):\n",
+        s.batches, s.calls
+    );
+    let _ = writeln!(
+        w,
+        "| request (POST, 12 headers, 1 KiB JSON body, query string) | decision | median | \
+         90th percentile | fastest batch | median ≤ {DECIDE_TARGET_US:.0} µs |\n\
+         |---|---|---:|---:|---:|---|"
+    );
+    let micro_row = |w: &mut String, x: &Micro, target: bool| {
+        let med = median(&x.per_call_us);
+        let _ = writeln!(
+            w,
+            "| {} | {} | {med:.2} µs | {:.2} µs | {:.2} µs |{}",
+            x.name,
+            x.expected,
+            percentile(&x.per_call_us, 0.9),
+            x.per_call_us.iter().copied().fold(f64::INFINITY, f64::min),
+            if target {
+                format!(" {} |", verdict(med <= DECIDE_TARGET_US))
+            } else {
+                String::new()
+            }
+        );
+    };
+    for x in micro.iter().filter(|x| !x.part) {
+        micro_row(w, x, true);
+    }
+    let _ = writeln!(
+        w,
+        "\nThe leak scan alone, as `decide` runs it for the request to another site (every held \
+         value, raw and encoded; percent-decoding where the material has `%` or `+`):\n"
+    );
+    let _ = writeln!(
+        w,
+        "| material | result | median | 90th percentile | fastest batch |\n|---|---|---:|---:|---:|"
+    );
+    for x in micro.iter().filter(|x| x.part) {
+        micro_row(w, x, false);
+    }
+
+    let _ = writeln!(w, "\n### Where the time goes\n");
+    let scan: f64 = micro
+        .iter()
+        .filter(|x| x.part)
+        .map(|x| median(&x.per_call_us))
+        .sum();
+    let other_site = micro.get(1).map_or(f64::NAN, |x| median(&x.per_call_us));
+    let _ = writeln!(
+        w,
+        "**Without credentials** the session loads the page in {:.0} ms against bare \
+         Chromium's {:.0} ms ({:+.0} ms). Its browser has no way out but chaperone's egress \
+         proxy: plain http goes there as proxy requests, and the proxy opens a new upstream \
+         connection for each ({:.0} connections per load against bare Chromium's {:.0}). At \
+         most {:.0} subresource requests were in flight at once (bare Chromium: {:.0}). Figure \
+         5b, against this session (same sandbox, same proxy), isolates the interception.\n",
+        t.1,
+        t.0,
+        t.1 - t.0,
+        conns.1,
+        conns.0,
+        peak.1,
+        peak.0,
+    );
+    let (more_browser, more_sup) = (browser_cpu.2 - browser_cpu.1, sup_cpu.2 - sup_cpu.1);
+    let _ = writeln!(
+        w,
+        "**With the credential** the load takes {:+.0} ms against the session without. Each of the \
+         load's {requests} requests is paused twice (Fetch Request and Response stages): each \
+         pause is a `Fetch.requestPaused` event from Chromium to the supervisor over its pipe \
+         and a `Fetch.continueRequest`/`continueResponse` command back; the Request stage also \
+         waits for the request's `Network.requestWillBeSent` (its `isSameSite` verdict) and \
+         the Response stage for its `Network.responseReceivedExtraInfo` (its `Set-Cookie` \
+         lines), and `Network` is enabled on every target for this, so each request also sends \
+         the supervisor its other Network events. Per subresource, `requestStart` → \
+         `responseEnd` goes from {:.1} ms to {:.1} ms. CPU during the load grows by \
+         {more_browser:+.0} ms in Chromium's processes ({:.0} → {:.0} ms; by kind in the table \
+         above) and by {more_sup:+.0} ms in `chaperone serve` ({:.0} → {:.0} ms); the \
+         decision (figure 6, {inject_us:.1} µs for a POST with a 1 KiB body) accounts for at \
+         most {:.2} ms of the page's {requests} requests. On 2 cores, CPU spent on the \
+         interception comes straight out of the page's time.\n",
+        t.2 - t.1,
+        latency.1,
+        latency.2,
+        browser_cpu.1,
+        browser_cpu.2,
+        sup_cpu.1,
+        sup_cpu.2,
+        inject_us * requests as f64 / 1000.0,
+    );
+    let _ = writeln!(
+        w,
+        "**The decision** is mostly the leak scan. For the request to another site it takes \
+         {other_site:.1} µs, and scanning its body, URL and headers on their own takes \
+         {scan:.1} µs. The request to the credential's site takes {inject_us:.1} µs although \
+         that decision also builds the new header list: there the scan looks for the other \
+         credential's value only (1 held value; to any other site, all 3). The scan's cost \
+         grows with the material it reads (the body's size above all).\n"
+    );
+
+    let _ = writeln!(w, "### Method\n");
+    let _ = writeln!(w, "{METHOD}");
+    let _ = writeln!(w, "### Every run\n");
+    let _ = writeln!(
+        w,
+        "| run | bare (ms) | chaperone, no credentials (ms) | chaperone, credential (ms) | \
+         connections | in flight at most |\n|---|---:|---:|---:|---|---|"
+    );
+    for i in 0..bare.len() {
+        let _ = writeln!(
+            w,
+            "| {} | {:.0} | {:.0} | {:.0} | {} / {} / {} | {:.0} / {:.0} / {:.0} |",
+            i + 1,
+            bare[i].ms,
+            plain[i].ms,
+            cred[i].ms,
+            bare[i].connections,
+            plain[i].connections,
+            cred[i].connections,
+            bare[i].peak,
+            plain[i].peak,
+            cred[i].peak,
+        );
+    }
+    let _ = writeln!(w, "\n### Notes\n\n{NOTES}");
+    o
+}
+
+const METHOD: &str = "\
+5. **Page load.** A server in the bench process (hyper, HTTP/1.1, keep-alive on, its own \
+   thread, 127.0.0.1) serves `http://bank.test:PORT/page`: 100 `<img>` tags for \
+   `/r/0.png` … `/r/99.png`, each a 67-byte PNG; every response says `Cache-Control: no-store`. \
+   Three browsers run side by side for the whole benchmark (one per side, reused for every \
+   run, which measures the steady state: the start is figure 1 above):\n   - **bare Chromium**: `chaperone::browser::chromium::args()` without the proxy flags, with \
+     `--no-proxy-server --host-resolver-rules=\"MAP bank.test 127.0.0.1\"`, as `nobody` with its \
+     own sandbox on, CDP over `--remote-debugging-pipe` (set up as for figure 1);\n   - **chaperone, credential**: a session of `chaperone serve` whose mandate allows `bank.test` \
+     (`hosts` → 127.0.0.1, `private_networks` 127.0.0.0/8) and holds a credential for it: a \
+     cookie `sid` (`secure: false`, the site is plain http) and an `Authorization: Bearer` \
+     header. The broker intercepts every request (Fetch, Request and Response stages) and \
+     injects both into each request of the page; CDP over the session's websocket;\n   - **chaperone, no credentials**: the same mandate without the credential, so no \
+     interception at all; it separates the sandbox's network path (the egress proxy) from the \
+     interception.\n\
+   \n   Each run, each side in turn (the order rotates run by run, so each side is first, second \
+   and third equally often): `Target.createTarget about:blank` → `Target.attachToTarget` \
+   (flat) → `Page.enable`, `Page.setLifecycleEventsEnabled` → **timed**: from just before \
+   sending `Page.navigate` until the `Page.lifecycleEvent` `load` with the navigation's \
+   `loaderId` arrives → untimed checks → `Target.closeTarget`. The checks fail the benchmark \
+   unless the page is at its URL with all 100 images decoded, the server got the page and \
+   each subresource exactly once, and — on the credential side — every one of those 101 \
+   requests carried the held cookie and the held `Authorization` header (on the other two \
+   sides, none carried a `Cookie` or `Authorization`). One warm-up run per side is discarded. \
+   The page's own `loadEventStart` (navigation timing) is reported alongside: it starts at \
+   the navigation's start inside the browser, so it leaves out the CDP transport (pipe against \
+   websocket) and includes everything else. The same script reads the subresources' \
+   resource timing (the most requests in flight at once, the median `requestStart` → \
+   `responseEnd`); CPU time (`utime + stime` from `/proc/PID/stat`, 10 ms ticks) is read just \
+   before `Page.navigate` and just after the load event, for the side's browser processes \
+   (bare: the browser, its descendants and its crashpad handlers; chaperone: everything under \
+   the session's sandbox launcher) and for `chaperone serve` (its egress proxy, gate and \
+   broker all run in it).
+6. **Per-request decision.** `chaperone::broker::decide::decide` called directly (release \
+   build, `std::hint::black_box` around its inputs and output), on requests as Fetch shows \
+   them: `POST` with a query string including a percent-escape, the 12 headers Chromium sends \
+   with a `fetch()` of JSON (client hints, `User-Agent`, `Accept*`, `Content-Type`, `Origin`, \
+   `Referer`, `Sec-Fetch-*`) and a 1 KiB JSON body; a vault with two credentials (`bank.test`: \
+   cookie + `Authorization`; `mail.test`: an API key header). Three requests: to the \
+   credential's site from a same-site context (the decision injects: the leak scan for the \
+   other credential's values, the first-party test, the new header list); to another site \
+   without authentication headers (the full leak scan against every held value, nothing to \
+   change); to another site with the held cookie base64-encoded at the end of the body \
+   (found, `Exfiltration`). Each decision is checked once before timing. Three more cases \
+   time `LeakDetector::find` on its own, with the detector `decide` uses for the request to another \
+   site, over the parts of that request `decide` scans (the host, a few labels, is left \
+   out). One warm-up batch per case is discarded; then the cases take turns batch by batch. \
+   Each batch's time over its calls is one sample; the figures are over the samples.
+";
+
+const NOTES: &str = "\
+- Bare Chromium reaches the site directly; chaperone's browser has no way out but its egress \
+  proxy, so even without credentials its page load pays a proxy hop and, for plain http, a new \
+  upstream connection per request. Both are part of what an agent sees, so figure 5 compares \
+  against bare Chromium as the issue asks; the middle column shows how much of the difference \
+  has nothing to do with credentials.
+- CPU times come in 10 ms ticks; per load they are sums over a few processes, so single \
+  values are coarse and only the medians over the runs mean much.
+- The server runs on a thread of the bench process and competes for the same 2 cores as the \
+  browsers and the supervisor on every side alike.
+- The three browsers stay alive side by side for the whole run; the two that are not loading \
+  sit idle.
+";
