@@ -86,9 +86,12 @@ impl LeakDetector {
             if pats.is_empty() {
                 return None;
             }
+            // A DFA: the pattern sets are small (a few dozen) and every request is scanned, so
+            // the fastest search is worth its memory.
             AhoCorasickBuilder::new()
                 .ascii_case_insensitive(case_insensitive)
                 .match_kind(MatchKind::Standard)
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
                 .build(pats)
                 .ok()
         };
@@ -113,16 +116,21 @@ impl LeakDetector {
         }
         // Undo percent-encoding (twice: double-encoding is a classic) and `+` for space, then
         // look again; whatever turns up was hidden by percent-encoding.
+        if !material.iter().any(|&b| b == b'%' || b == b'+') {
+            return None;
+        }
         let mut current = material.to_vec();
         for _ in 0..2 {
             if !current.contains(&b'%') && !current.contains(&b'+') {
                 break;
             }
-            let plus: Vec<u8> = current
-                .iter()
-                .map(|&b| if b == b'+' { b' ' } else { b })
-                .collect();
-            for variant in [&current, &plus] {
+            let plus: Option<Vec<u8>> = current.contains(&b'+').then(|| {
+                current
+                    .iter()
+                    .map(|&b| if b == b'+' { b' ' } else { b })
+                    .collect()
+            });
+            for variant in std::iter::once(&current).chain(plus.as_ref()) {
                 let decoded: Vec<u8> = percent_encoding::percent_decode(variant).collect();
                 if let Some(f) = self.find_plain(&decoded) {
                     return Some(Finding {
@@ -205,7 +213,8 @@ impl LeakDetector {
         merged
     }
 
-    fn find_plain(&self, material: &[u8]) -> Option<Finding> {
+    /// [`find`](Self::find) without undoing percent-encoding: raw, hex and base64 forms only.
+    pub fn find_plain(&self, material: &[u8]) -> Option<Finding> {
         let hit = |ac: &Option<AhoCorasick>, meta: &[(usize, Encoding)]| {
             ac.as_ref()?.find(material).map(|m| {
                 let (secret, encoding) = meta[m.pattern().as_usize()];

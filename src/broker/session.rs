@@ -83,6 +83,8 @@ struct Correlation {
     extra_info: Bounded<Vec<String>>,
     /// `wss://` sockets by network request id, with their host.
     secure_sockets: Bounded<String>,
+    /// Requests to a credential site by network request id: the credential and the URL.
+    credential_requests: Bounded<(usize, Url)>,
     waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     /// Page targets: a request whose `frameId` is one of these comes from a main frame.
     pages: HashSet<String>,
@@ -124,6 +126,32 @@ impl<V> Bounded<V> {
     }
 }
 
+/// Every request at the Request stage. At the Response stage, the responses whose cookies the
+/// page may use at once (navigations, redirects, fetch and XHR) of the credential sites, held
+/// until their `Set-Cookie` is in the vault; the other responses of those sites (images,
+/// scripts…) are captured as their headers arrive, without holding them (measured: holding
+/// every response doubled the load time of a page with 100 images).
+fn fetch_patterns(sites: &[String]) -> Vec<Value> {
+    let mut patterns = vec![json!({"urlPattern": "*", "requestStage": "Request"})];
+    for site in sites {
+        for url in [
+            format!("*://{site}/*"),
+            format!("*://{site}:*"),
+            format!("*://*.{site}/*"),
+            format!("*://*.{site}:*"),
+        ] {
+            for kind in ["Document", "XHR", "Fetch"] {
+                patterns.push(json!({
+                    "urlPattern": url,
+                    "resourceType": kind,
+                    "requestStage": "Response",
+                }));
+            }
+        }
+    }
+    patterns
+}
+
 fn wanted(method: &str) -> bool {
     matches!(
         method,
@@ -154,6 +182,7 @@ impl Broker {
         if credentials.is_empty() {
             return Ok(None);
         }
+        let sites: Vec<String> = credentials.iter().map(|c| site_of(&c.site)).collect();
         // The vault copies the values into its own secrets; `credentials` (zeroizing) is
         // dropped at the end of this function.
         let vault = Vault::new(&credentials, key)
@@ -179,10 +208,7 @@ impl Broker {
         let step = |what: &'static str| move |e| format!("{what}: {e}");
         conn.call(
             "Fetch.enable",
-            json!({"patterns": [
-                {"urlPattern": "*", "requestStage": "Request"},
-                {"urlPattern": "*", "requestStage": "Response"},
-            ]}),
+            json!({ "patterns": fetch_patterns(&sites) }),
             None,
         )
         .await
@@ -304,12 +330,27 @@ async fn event_loop(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Arc<Value
                 }
             }
             "Network.requestWillBeSent" => {
-                let (Some(id), Some(same)) = (
-                    params.get("requestId").and_then(Value::as_str),
-                    params
-                        .pointer("/request/isSameSite")
-                        .and_then(Value::as_bool),
-                ) else {
+                let Some(id) = params.get("requestId").and_then(Value::as_str) else {
+                    continue;
+                };
+                // Remember which requests go to a credential site, so that their cookies can
+                // be captured from the response headers whenever those come.
+                if let Some(Ok(url)) = params
+                    .pointer("/request/url")
+                    .and_then(Value::as_str)
+                    .map(Url::parse)
+                {
+                    let site = site_of(url.host_str().unwrap_or(""));
+                    if let Some(cred) = lock(&state.vault).credential_for_site(&site) {
+                        lock(&state.corr)
+                            .credential_requests
+                            .insert(id.to_string(), (cred, url));
+                    }
+                }
+                let Some(same) = params
+                    .pointer("/request/isSameSite")
+                    .and_then(Value::as_bool)
+                else {
                     continue;
                 };
                 let mut corr = lock(&state.corr);
@@ -320,7 +361,13 @@ async fn event_loop(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Arc<Value
                 let Some(id) = params.get("requestId").and_then(Value::as_str) else {
                     continue;
                 };
-                let lines = set_cookie_lines(params.get("headers"));
+                let mut lines = set_cookie_lines(params.get("headers"));
+                let known = lock(&state.corr).credential_requests.map.get(id).cloned();
+                if let (false, Some((cred, url))) = (lines.is_empty(), known) {
+                    // Captured here, before anyone waiting on this response is woken.
+                    state.capture(cred, &url, &lines);
+                    lines.clear();
+                }
                 let mut corr = lock(&state.corr);
                 corr.extra_info.insert(id.to_string(), lines);
                 corr.wake(id);
@@ -398,13 +445,17 @@ impl State {
             let (network, children, run) = tokio::join!(
                 async {
                     if network_kind {
-                        conn.call(
-                            "Network.enable",
-                            json!({"maxTotalBufferSize": 0, "maxResourceBufferSize": 0, "maxPostDataSize": 0}),
-                            s,
-                        )
-                        .await
-                        .map(|_| ())
+                        let (enabled, _) = tokio::join!(
+                            conn.call(
+                                "Network.enable",
+                                json!({"maxTotalBufferSize": 0, "maxResourceBufferSize": 0, "maxPostDataSize": 0}),
+                                s,
+                            ),
+                            // The broker never reads initiator stacks; collecting them for every
+                            // request is the costliest part of Network events.
+                            conn.call("Network.setAttachDebugStack", json!({"enabled": false}), s),
+                        );
+                        enabled.map(|_| ())
                     } else {
                         Ok(())
                     }
@@ -718,11 +769,20 @@ impl State {
         if lines.is_empty() {
             return;
         }
+        self.capture(cred, &url, &lines);
+    }
+
+    /// Takes `Set-Cookie` lines received from `url` into credential `cred`'s jar.
+    fn capture(&self, cred: usize, url: &Url, lines: &[String]) {
+        let host = url.host_str().unwrap_or("").to_string();
         let mut captured = Vec::new();
         {
             let mut vault = lock(&self.vault);
-            for line in &lines {
-                match vault.capture(cred, line, &url) {
+            if cred >= vault.credentials().len() {
+                return;
+            }
+            for line in lines {
+                match vault.capture(cred, line, url) {
                     Ok((token, cookie)) => {
                         captured.push((vault.credentials()[cred].id.clone(), cookie, token))
                     }
