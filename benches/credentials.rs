@@ -1813,13 +1813,14 @@ fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
     let _ = writeln!(
         w,
         "**With the credential** the load takes {:+.0} ms against the session without. Each of the \
-         load's {requests} requests is paused twice (Fetch Request and Response stages): each \
-         pause is a `Fetch.requestPaused` event from Chromium to the supervisor over its pipe \
-         and a `Fetch.continueRequest`/`continueResponse` command back; the Request stage also \
-         waits for the request's `Network.requestWillBeSent` (its `isSameSite` verdict) and \
-         the Response stage for its `Network.responseReceivedExtraInfo` (its `Set-Cookie` \
-         lines), and `Network` is enabled on every target for this, so each request also sends \
-         the supervisor its other Network events. Per subresource, `requestStart` → \
+         load's {requests} requests is paused at the Fetch Request stage (the page's navigation \
+         at the Response stage too; images are not held there): each pause is a \
+         `Fetch.requestPaused` event from Chromium to the supervisor over its pipe and a \
+         `Fetch.continueRequest` command back, and the Request stage also waits for the \
+         request's `Network.requestWillBeSent` (its `isSameSite` verdict). `Network` is enabled \
+         on every target for this and for the `Set-Cookie` lines of \
+         `Network.responseReceivedExtraInfo`, so each request also sends the supervisor its \
+         other Network events. Per subresource, `requestStart` → \
          `responseEnd` goes from {:.1} ms to {:.1} ms. CPU during the load grows by \
          {more_browser:+.0} ms in Chromium's processes ({:.0} → {:.0} ms; by kind in the table \
          above) and by {more_sup:+.0} ms in `chaperone serve` ({:.0} → {:.0} ms); the \
@@ -1883,7 +1884,8 @@ const METHOD: &str = "\
      own sandbox on, CDP over `--remote-debugging-pipe` (set up as for figure 1);\n   - **chaperone, credential**: a session of `chaperone serve` whose mandate allows `bank.test` \
      (`hosts` → 127.0.0.1, `private_networks` 127.0.0.0/8) and holds a credential for it: a \
      cookie `sid` (`secure: false`, the site is plain http) and an `Authorization: Bearer` \
-     header. The broker intercepts every request (Fetch, Request and Response stages) and \
+     header. The broker intercepts every request (Fetch Request stage; Response stage for the \
+     site's navigations, fetch and XHR) and \
      injects both into each request of the page; CDP over the session's websocket;\n   - **chaperone, no credentials**: the same mandate without the credential, so no \
      interception at all; it separates the sandbox's network path (the egress proxy) from the \
      interception.\n\

@@ -314,7 +314,13 @@ fn find_leak(
         let mut parts = std::iter::once(req.url.as_str().as_bytes())
             .chain(req.headers.iter().map(|(_, v)| v.as_bytes()))
             .chain(std::iter::once(req.body));
-        parts.find_map(|p| if encoded(p) { detector.find(p) } else { None })
+        parts.find_map(|p| {
+            if encoded(p) {
+                detector.find_percent_encoded(p)
+            } else {
+                None
+            }
+        })
     })?;
     // The joined pass cannot see more than the places do (the separator is in no held value);
     // should it ever, the request is still stopped.

@@ -111,39 +111,54 @@ impl LeakDetector {
 
     /// The first secret found in `material`, looking through percent-encoding too.
     pub fn find(&self, material: &[u8]) -> Option<Finding> {
-        if let Some(f) = self.find_plain(material) {
-            return Some(f);
-        }
-        // Undo percent-encoding (twice: double-encoding is a classic) and `+` for space, then
-        // look again; whatever turns up was hidden by percent-encoding.
-        if !material.iter().any(|&b| b == b'%' || b == b'+') {
-            return None;
-        }
-        let mut current = material.to_vec();
+        self.find_plain(material)
+            .or_else(|| self.find_percent_encoded(material))
+    }
+
+    /// What only [`find`](Self::find)'s undoing of percent-encoding reveals (twice:
+    /// double-encoding is a classic; `+` for space too). `None` at once for material without
+    /// `%` or `+`.
+    pub fn find_percent_encoded(&self, material: &[u8]) -> Option<Finding> {
+        let as_percent = |f: Finding| Finding {
+            encoding: if f.encoding == Encoding::Raw {
+                Encoding::Percent
+            } else {
+                f.encoding
+            },
+            ..f
+        };
+        let mut current = std::borrow::Cow::Borrowed(material);
         for _ in 0..2 {
-            if !current.contains(&b'%') && !current.contains(&b'+') {
+            let has_percent = current.contains(&b'%');
+            let has_plus = current.contains(&b'+');
+            if !has_percent && !has_plus {
                 break;
             }
-            let plus: Option<Vec<u8>> = current.contains(&b'+').then(|| {
-                current
-                    .iter()
-                    .map(|&b| if b == b'+' { b' ' } else { b })
-                    .collect()
-            });
-            for variant in std::iter::once(&current).chain(plus.as_ref()) {
-                let decoded: Vec<u8> = percent_encoding::percent_decode(variant).collect();
+            // Without a `%`, decoding changes nothing that was not searched already.
+            let decoded: Vec<u8> = if has_percent {
+                percent_encoding::percent_decode(&current).collect()
+            } else {
+                current.to_vec()
+            };
+            if has_percent {
                 if let Some(f) = self.find_plain(&decoded) {
-                    return Some(Finding {
-                        encoding: if f.encoding == Encoding::Raw {
-                            Encoding::Percent
-                        } else {
-                            f.encoding
-                        },
-                        ..f
-                    });
+                    return Some(as_percent(f));
                 }
             }
-            current = percent_encoding::percent_decode(&current).collect();
+            if has_plus {
+                let plus: Vec<u8> = current
+                    .iter()
+                    .map(|&b| if b == b'+' { b' ' } else { b })
+                    .collect();
+                let plus_decoded: Vec<u8> = percent_encoding::percent_decode(&plus).collect();
+                if let Some(f) = self.find_plain(&plus_decoded) {
+                    return Some(as_percent(f));
+                }
+            }
+            if !has_percent {
+                break;
+            }
+            current = std::borrow::Cow::Owned(decoded);
         }
         None
     }
