@@ -3,11 +3,12 @@
 //!
 //! - **Request stage** (every URL): [`decide`] says continue (maybe with injected or stripped
 //!   headers), block, or fail as exfiltration.
-//! - **Response stage** (every URL): a credential site's `Set-Cookie` is taken into the vault.
-//!   Fetch does not show `Set-Cookie`; `Network.responseReceivedExtraInfo` on the requesting
-//!   target's session does, and arrives first (measured 400/400 on Chromium 156), so the broker
-//!   holds the response until that event is in. The browser itself stores nothing for a
-//!   credential site: its cookies are blocked by policy (see
+//! - **Response stage** (credential sites' navigations, fetch and XHR; see `fetch_patterns`): a
+//!   credential site's `Set-Cookie` is taken into the vault. Fetch does not show `Set-Cookie`;
+//!   `Network.responseReceivedExtraInfo` on the requesting target's session does, and arrives
+//!   first (measured 400/400 on Chromium 156), so the broker holds those responses until that
+//!   event is in; the site's other responses are captured as the event arrives. The browser
+//!   itself stores nothing for a credential site: its cookies are blocked by policy (see
 //!   [`crate::browser::chromium::managed_policy`]).
 //! - Every target is auto-attached with `waitForDebuggerOnStart`, given `Network.enable` and
 //!   only then resumed, so no request of any page, frame or worker goes out before the broker
