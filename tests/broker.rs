@@ -255,3 +255,52 @@ fn chromiumoxide_works_in_a_session_holding_credentials() {
         r["method"] == "Security.setIgnoreCertificateErrors"
     });
 }
+
+/// `allowed_initiators`: a listed site's page may use the credential (a shop calling the bank's
+/// API); any other site's page may not, and the refusal is audited.
+#[test]
+fn allowed_initiators_may_use_the_credential_and_others_may_not() {
+    let bank = Site::start(TEST_PAGE);
+    let shop = Site::start(TEST_PAGE);
+    let other = Site::start(TEST_PAGE);
+    let sup = Supervisor::start();
+    let mut m = credential_mandate(&["bank.test", "shop.test", "other.test"]);
+    m["credentials"][0]["allowed_initiators"] = json!(["shop.test"]);
+    let s = sup.session(&m);
+    let cdp_url = s["cdp_url"].as_str().unwrap().to_string();
+    let call = |from: &str| {
+        format!(
+            "fetch('http://bank.test:{}/api?from={from}', {{method: 'POST', mode: 'no-cors', \
+             body: 'x'}}).then(() => 'sent', e => String(e))",
+            bank.port()
+        )
+    };
+    let traffic = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut cdp = Cdp::connect(&cdp_url).await;
+        let page = cdp
+            .open_page(&format!("http://shop.test:{}/", shop.port()))
+            .await;
+        assert_eq!(cdp.eval(&page, &call("shop")).await, "sent");
+        cdp.navigate(&page, &format!("http://other.test:{}/", other.port()))
+            .await;
+        assert_eq!(cdp.eval(&page, &call("other")).await, "sent");
+        cdp.seen.join("\n")
+    });
+    let got = bank.seen();
+    let request = |from: &str| {
+        got.split("\n---\n")
+            .find(|r| r.starts_with(&format!("POST /api?from={from}")))
+            .unwrap_or_else(|| panic!("the bank got no call from {from}: {got}"))
+            .to_string()
+    };
+    assert!(
+        request("shop").contains(&format!("Bearer {}", FAKE_SECRETS[1])),
+        "the listed initiator's call carries the credential"
+    );
+    assert_no_secrets("a call from an unlisted site", &request("other"));
+    assert_no_secrets("the agent's CDP traffic", &traffic);
+    let withheld = sup.wait_audit("credential.withheld", |r| {
+        r["event"] == "credential.withheld" && r["initiator"] == "other.test"
+    });
+    assert_eq!(withheld["credential"], "bank");
+}
