@@ -23,50 +23,35 @@
 //! Every wait is bounded, and every browser, supervisor, server thread and temporary directory
 //! is gone when the program ends, on failure too.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
 use chaperone::broker::decide::{decide, Context, Decision, Request};
-use chaperone::browser::chromium;
-use chaperone::config::ControlAddr;
 use chaperone::mandate::{Mandate, UnlistedCredentials};
 use chaperone::vault::{FingerprintKey, Vault};
-use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
 
-const CHROMIUM: &str = "/usr/lib/chromium/chromium";
-/// Hang guard for one CDP answer, one control request, one browser start.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Hang guard for one page load.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// Hang guard for "every process is gone".
-const GONE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The credential's site; both browsers reach it at 127.0.0.1.
 const SITE: &str = "bank.test";
 /// Subresources of the page (the issue's figure).
 const SUBRESOURCES: usize = 100;
-/// Events kept while waiting for an answer (a page load emits a few dozen).
-const EVENT_BACKLOG: usize = 10_000;
 
 const BEGIN: &str = "<!-- credentials:begin -->";
 const END: &str = "<!-- credentials:end -->";
@@ -698,9 +683,10 @@ async fn pages(
     work: &Path,
     nobody: &nix::unistd::User,
 ) -> anyhow::Result<Pages> {
-    let (bare, bare_cdp, version) = tokio::time::timeout(STEP_TIMEOUT, Bare::start(work, nobody))
-        .await
-        .map_err(|_| anyhow!("bare Chromium did not answer within {STEP_TIMEOUT:?}"))??;
+    let (bare, bare_cdp, _, version) =
+        tokio::time::timeout(STEP_TIMEOUT, Bare::start(work, nobody, Some(SITE)))
+            .await
+            .map_err(|_| anyhow!("bare Chromium did not answer within {STEP_TIMEOUT:?}"))??;
     let mut sessions = Vec::new();
     let result = measure(s, sup, bank, secrets, (&bare, bare_cdp), &mut sessions).await;
     let mut deleted = Ok(());
@@ -720,7 +706,7 @@ async fn pages(
     deleted?;
     Ok(Pages {
         loads,
-        chromium: version,
+        chromium: version["product"].as_str().unwrap_or("unknown").to_string(),
     })
 }
 
@@ -974,374 +960,14 @@ async fn load_in(
 // ---------------------------------------------------------------------------------------------
 // CDP over a pipe or a websocket, one request at a time, events kept for the waits.
 
-enum Transport {
-    Pipe {
-        to: ChildStdin,
-        from: BufReader<ChildStdout>,
-        buf: Vec<u8>,
-    },
-    Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
-}
-
-struct Cdp {
-    t: Transport,
-    next_id: u64,
-    /// Events received while waiting for something else, with when they arrived.
-    events: VecDeque<(Instant, Value)>,
-}
-
-impl Cdp {
-    fn new(t: Transport) -> Cdp {
-        Cdp {
-            t,
-            next_id: 0,
-            events: VecDeque::new(),
-        }
-    }
-
-    async fn send_raw(&mut self, text: String) -> anyhow::Result<()> {
-        match &mut self.t {
-            Transport::Pipe { to, .. } => {
-                let mut bytes = text.into_bytes();
-                bytes.push(0);
-                to.write_all(&bytes).await.context("writing to the pipe")?;
-            }
-            Transport::Ws(ws) => ws
-                .send(Message::text(text))
-                .await
-                .context("writing to the websocket")?,
-        }
-        Ok(())
-    }
-
-    async fn recv_raw(&mut self) -> anyhow::Result<Value> {
-        match &mut self.t {
-            Transport::Pipe { from, buf, .. } => {
-                buf.clear();
-                let n = from.read_until(0, buf).await.context("reading the pipe")?;
-                if n == 0 || buf.last() != Some(&0) {
-                    bail!("the browser closed the pipe");
-                }
-                buf.pop();
-                serde_json::from_slice(buf).context("a CDP message that is not JSON")
-            }
-            Transport::Ws(ws) => loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        return serde_json::from_str(t.as_str())
-                            .context("a CDP message that is not JSON")
-                    }
-                    Some(Ok(Message::Close(f))) => bail!("the websocket was closed: {f:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("websocket: {e}"),
-                    None => bail!("the websocket ended"),
-                }
-            },
-        }
-    }
-
-    fn keep(&mut self, at: Instant, m: Value) {
-        if m.get("method").is_some() {
-            if self.events.len() >= EVENT_BACKLOG {
-                self.events.pop_front();
-            }
-            self.events.push_back((at, m));
-        }
-    }
-
-    /// Sends one command and reads until its answer; events in between are kept.
-    async fn call(
-        &mut self,
-        method: &str,
-        params: Value,
-        session: Option<&str>,
-    ) -> anyhow::Result<Value> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut msg = json!({"id": id, "method": method, "params": params});
-        if let Some(s) = session {
-            msg["sessionId"] = json!(s);
-        }
-        self.send_raw(msg.to_string()).await?;
-        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.recv_raw())
-                .await
-                .map_err(|_| anyhow!("no answer to {method} within {STEP_TIMEOUT:?}"))??;
-            if m.get("id").and_then(Value::as_u64) == Some(id) {
-                if let Some(e) = m.get("error") {
-                    bail!("{method} failed: {e}");
-                }
-                return Ok(m.get("result").cloned().unwrap_or(Value::Null));
-            }
-            self.keep(Instant::now(), m);
-        }
-    }
-
-    /// When the first event `want` accepts arrived (it may have arrived already).
-    async fn wait_event(
-        &mut self,
-        within: Duration,
-        want: impl Fn(&Value) -> bool,
-    ) -> anyhow::Result<Instant> {
-        if let Some(i) = self.events.iter().position(|(_, m)| want(m)) {
-            let (at, _) = self.events.remove(i).expect("found just now");
-            return Ok(at);
-        }
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.recv_raw())
-                .await
-                .map_err(|_| anyhow!("the event did not arrive within {within:?}"))??;
-            let at = Instant::now();
-            if want(&m) {
-                return Ok(at);
-            }
-            self.keep(at, m);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Bare Chromium.
-
-/// A bare Chromium as `nobody` with its profile; every process of it dies with this value.
-struct Bare {
-    child: Child,
-    pid: i32,
-    profile: tempfile::TempDir,
-}
-
-impl Bare {
-    /// Spawns Chromium with chaperone's flags, minus the proxy (there is none: it reaches the
-    /// site directly, mapped to 127.0.0.1) and with its own profile directory; returns once
-    /// `Browser.getVersion` was answered over the pipe, with the product name.
-    async fn start(work: &Path, nobody: &nix::unistd::User) -> anyhow::Result<(Bare, Cdp, String)> {
-        let profile = tempfile::Builder::new()
-            .prefix("bare-")
-            .tempdir_in(work)
-            .context("creating a bare profile directory")?;
-        nix::unistd::chown(profile.path(), Some(nobody.uid), Some(nobody.gid))
-            .context("giving the bare profile to nobody")?;
-        let mut args: Vec<String> = chromium::args()
-            .into_iter()
-            .filter(|a| {
-                !a.starts_with("--user-data-dir=")
-                    && !a.starts_with("--proxy-server=")
-                    && !a.starts_with("--proxy-bypass-list=")
-            })
-            .collect();
-        args.push(format!(
-            "--user-data-dir={}",
-            profile.path().join("profile").display()
-        ));
-        args.push("--no-proxy-server".into());
-        args.push(format!("--host-resolver-rules=MAP {SITE} 127.0.0.1"));
-        let home = profile.path().display().to_string();
-        let log = profile.path().join("chromium.log");
-        let env = chromium::env().into_iter().map(|(k, v)| match k.as_str() {
-            "HOME" | "TMPDIR" => (k, home.clone()),
-            _ => (k, v),
-        });
-        // The pipe ends arrive as stdin/stdout; the shell moves them to fds 3/4 (where
-        // --remote-debugging-pipe wants them) and execs Chromium, so Chromium is our child.
-        let mut child = Command::new("/usr/bin/setpriv")
-            .arg(format!("--reuid={}", nobody.uid))
-            .arg(format!("--regid={}", nobody.gid))
-            .arg("--clear-groups")
-            .arg("--")
-            .arg("/bin/bash")
-            .arg("-c")
-            .arg(r#"exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null"#)
-            .arg(CHROMIUM)
-            .args(&args)
-            .env_clear()
-            .envs(env)
-            .current_dir(profile.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).context("creating chromium.log")?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning setpriv + bash + chromium")?;
-        let pid = child
-            .id()
-            .ok_or_else(|| anyhow!("chromium exited at once"))? as i32;
-        let to = child.stdin.take().expect("piped stdin");
-        let from = BufReader::with_capacity(1 << 16, child.stdout.take().expect("piped stdout"));
-        let bare = Bare {
-            child,
-            pid,
-            profile,
-        };
-        let mut cdp = Cdp::new(Transport::Pipe {
-            to,
-            from,
-            buf: Vec::new(),
-        });
-        let version = match cdp.call("Browser.getVersion", json!({}), None).await {
-            Ok(v) => v,
-            Err(e) => {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!(
-                    "bare Chromium: {e:#}; the end of its stderr:\n{}",
-                    tail.join("\n")
-                );
-            }
-        };
-        let product = version["product"].as_str().unwrap_or("unknown").to_string();
-        Ok((bare, cdp, product))
-    }
-
-    /// The browser and its descendants, plus the crashpad handlers: they double-fork out of
-    /// the tree (to the host's pid 1) and are found by their database path, which lies in this
-    /// browser's own profile directory.
-    fn processes(&self) -> Vec<i32> {
-        let mut pids = descendants(self.pid, true);
-        let marker = self.profile.path().display().to_string();
-        pids.extend(processes_mentioning(&marker));
-        pids.sort_unstable();
-        pids.dedup();
-        pids
-    }
-}
-
-impl Drop for Bare {
-    fn drop(&mut self) {
-        let pids = self.processes();
-        for &p in &pids {
-            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-        }
-        let _ = self.child.start_kill();
-        // The profile directory is removed after this; a process still dying could add a file.
-        if let Err(e) = wait_gone(&pids) {
-            eprintln!("bench: bare Chromium: {e:#}");
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // chaperone.
 
-/// A running `chaperone serve` (release build) with its control socket.
-struct Supervisor {
-    child: Option<Child>,
-    pid: i32,
-    control: ControlAddr,
-    stderr: PathBuf,
-}
-
-impl Supervisor {
-    async fn start(work: &Path) -> anyhow::Result<Supervisor> {
-        let bin = env!("CARGO_BIN_EXE_chaperone");
-        let dir = work.join("supervisor");
-        std::fs::create_dir(&dir)?;
-        let sock = dir.join("control.sock");
-        let stderr = dir.join("stderr.log");
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--control")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--audit-log")
-            .arg(dir.join("audit.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr)?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {bin} serve"))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| anyhow!("chaperone exited at once"))? as i32;
-        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut sup = Supervisor {
-            child: Some(child),
-            pid,
-            control: ControlAddr::Unix(sock),
-            stderr,
-        };
-        let mut line = String::new();
-        let read = tokio::time::timeout(STEP_TIMEOUT, out.read_line(&mut line)).await;
-        let ready: Option<Value> = serde_json::from_str(&line).ok();
-        if !matches!(read, Ok(Ok(n)) if n > 0)
-            || ready.as_ref().map(|r| &r["ready"]) != Some(&json!(true))
-        {
-            let log = std::fs::read_to_string(&sup.stderr).unwrap_or_default();
-            let _ = sup.stop().await;
-            bail!("chaperone serve printed no ready line ({line:?}); its stderr:\n{log}");
-        }
-        // Keep draining stdout so the supervisor never blocks on a full pipe.
-        tokio::spawn(async move {
-            let mut sink = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut out, &mut sink).await;
-        });
-        Ok(sup)
-    }
-
-    async fn api(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<String>,
-    ) -> anyhow::Result<(u16, Value)> {
-        tokio::time::timeout(
-            STEP_TIMEOUT,
-            chaperone::client::request(&self.control, None, method, path, body),
-        )
-        .await
-        .map_err(|_| anyhow!("{method} {path}: no answer within {STEP_TIMEOUT:?}"))?
-    }
-
-    /// SIGTERM (the supervisor purges its sessions), bounded; SIGKILL if that hangs. Checks
-    /// that nothing it started is left.
-    async fn stop(&mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let left_before = descendants(self.pid, false);
-        let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
-        let waited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-        if waited.is_err() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            bail!("chaperone serve did not stop within 30 s of SIGTERM (killed)");
-        }
-        wait_gone(&left_before)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // /proc.
-
-/// `root`'s descendants (every thread's children, recursively), with `root` itself if asked.
-fn descendants(root: i32, include_root: bool) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(p) = stack.pop() {
-        if p != root || include_root {
-            out.push(p);
-        }
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let Ok(kids) = std::fs::read_to_string(t.path().join("children")) else {
-                continue;
-            };
-            stack.extend(
-                kids.split_whitespace()
-                    .filter_map(|k| k.parse::<i32>().ok()),
-            );
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
 
 /// `pid`'s direct children (of every thread).
 fn children(pid: i32) -> Vec<i32> {
@@ -1468,89 +1094,11 @@ fn kind(pid: i32) -> &'static str {
     }
 }
 
-/// Processes whose command line contains `needle`.
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .collect()
-}
-
-/// Alive means present and not a zombie (a zombie holds no memory and runs nothing).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start())
-            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-/// Polls (every 0.5 ms, bounded) until none of `pids` is alive.
-fn wait_gone(pids: &[i32]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + GONE_TIMEOUT;
-    loop {
-        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("processes still alive {GONE_TIMEOUT:?} after SIGKILL: {left:?}");
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Numbers and the report.
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(v: &[f64]) -> f64 {
-    percentile(v, 0.5)
-}
-
-fn percentile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let pos = q * (s.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
-}
-
 fn med_of(loads: &[Load], f: impl Fn(&Load) -> f64) -> f64 {
     median(&loads.iter().map(f).collect::<Vec<_>>())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn read_first(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Replaces this program's section of `path` (between the markers), or appends it.
