@@ -343,6 +343,7 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
     };
     let mut client = TokioIo::new(upgraded);
     let mut upstream = tunnel.upstream;
+    let target = (tunnel.host.as_str(), tunnel.port);
     // Chromium tunnels plain ws:// through CONNECT too, and Fetch never sees WebSocket
     // handshakes: when a tunnel starts with a plaintext `GET` (a handshake, not a TLS hello),
     // read its head and look at it before anything goes upstream.
@@ -368,13 +369,7 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
         Ok(true) => {}
         Ok(false) | Err(_) => return,
     }
-    if head.starts_with(b"GET ") && shared.observer.holds_value_in(&tunnel.host, &head) {
-        shared.observer.denied(&Denied {
-            kind: Kind::Connect,
-            host: shared.observer.shown_host(&tunnel.host),
-            port: tunnel.port,
-            reason: DenyReason::HeldValue,
-        });
+    if head.starts_with(b"GET ") && holds_value(shared, target, &head) {
         return;
     }
     let websocket = head.starts_with(b"GET ") && is_websocket_upgrade(&head);
@@ -409,13 +404,7 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
                 Ok(n) => n,
             };
             let payload = frames.feed(&buf[..n]);
-            if !payload.is_empty() && shared.observer.holds_value_in(&tunnel.host, &payload) {
-                shared.observer.denied(&Denied {
-                    kind: Kind::Connect,
-                    host: shared.observer.shown_host(&tunnel.host),
-                    port: tunnel.port,
-                    reason: DenyReason::HeldValue,
-                });
+            if !payload.is_empty() && holds_value(shared, target, &payload) {
                 return;
             }
             if up_wr.write_all(&buf[..n]).await.is_err() {
@@ -427,6 +416,21 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
         _ = down => {}
         () = up => {}
     }
+}
+
+/// Whether tunnel bytes carry a held value; if so, the refusal is reported (the caller closes
+/// the tunnel).
+fn holds_value(shared: &Shared, (host, port): (&str, u16), material: &[u8]) -> bool {
+    if !shared.observer.holds_value_in(host, material) {
+        return false;
+    }
+    shared.observer.denied(&Denied {
+        kind: Kind::Connect,
+        host: shared.observer.shown_host(host),
+        port,
+        reason: DenyReason::HeldValue,
+    });
+    true
 }
 
 fn is_websocket_upgrade(head: &[u8]) -> bool {
