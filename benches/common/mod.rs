@@ -278,23 +278,21 @@ impl Bare {
             .context("creating a bare profile directory")?;
         nix::unistd::chown(profile.path(), Some(nobody.uid), Some(nobody.gid))
             .context("giving the bare profile to nobody")?;
-        let mut args: Vec<String> = chromium::args()
-            .into_iter()
-            .filter(|a| {
-                !a.starts_with("--user-data-dir=")
-                    && (direct_to.is_none()
-                        || !(a.starts_with("--proxy-server=")
-                            || a.starts_with("--proxy-bypass-list=")))
-            })
-            .collect();
+        let mut args: Vec<String> = match direct_to {
+            Some(host) => {
+                let mut a = chromium::direct_args();
+                a.push(format!("--host-resolver-rules=MAP {host} 127.0.0.1"));
+                a
+            }
+            None => chromium::args()
+                .into_iter()
+                .filter(|a| !a.starts_with("--user-data-dir="))
+                .collect(),
+        };
         args.push(format!(
             "--user-data-dir={}",
             profile.path().join("profile").display()
         ));
-        if let Some(host) = direct_to {
-            args.push("--no-proxy-server".into());
-            args.push(format!("--host-resolver-rules=MAP {host} 127.0.0.1"));
-        }
         let log = profile.path().join("chromium.log");
         let home = profile.path().display().to_string();
         let env = chromium::env().into_iter().map(|(k, v)| match k.as_str() {

@@ -54,6 +54,21 @@ pub fn args() -> Vec<String> {
     a
 }
 
+/// The same flags for a Chromium outside chaperone, the baseline benchmarks and tests compare
+/// against: no proxy (it reaches `127.0.0.1` directly, names mapped by `--host-resolver-rules`)
+/// and no profile directory (the caller gives one, with `--user-data-dir`).
+pub fn direct_args() -> Vec<String> {
+    args()
+        .into_iter()
+        .filter(|a| {
+            !a.starts_with("--user-data-dir=")
+                && !a.starts_with("--proxy-server=")
+                && !a.starts_with("--proxy-bypass-list=")
+        })
+        .chain(std::iter::once("--no-proxy-server".to_string()))
+        .collect()
+}
+
 /// The environment Chromium starts with (nothing is inherited from the supervisor).
 pub fn env() -> Vec<(String, String)> {
     [
@@ -158,6 +173,11 @@ mod tests {
             }
         }
         assert!(args().iter().any(|a| a == "--remote-debugging-pipe"));
+        let direct = direct_args();
+        assert!(direct.iter().any(|a| a == "--no-proxy-server"));
+        assert!(!direct
+            .iter()
+            .any(|a| a.starts_with("--proxy-server=") || a.starts_with("--user-data-dir=")));
     }
 
     #[test]

@@ -1123,17 +1123,14 @@ impl BareChromium {
         } else {
             Command::new("/usr/lib/chromium/chromium")
         };
-        cmd.args([
-            "--headless",
+        // chaperone's own flags, outside its sandbox and proxy, with a port instead of the pipe.
+        cmd.args(
+            chaperone::browser::chromium::direct_args()
+                .into_iter()
+                .filter(|a| a != "--remote-debugging-pipe"),
+        )
+        .args([
             "--remote-debugging-port=0",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-default-apps",
-            "--password-store=basic",
-            "--use-mock-keychain",
             "--host-resolver-rules=MAP bank.test 127.0.0.1, MAP attacker.test 127.0.0.1, \
              MAP *.attacker.test 127.0.0.1, MAP attacker.localhost 127.0.0.1, \
              MAP plain.test 127.0.0.1",
@@ -1265,24 +1262,7 @@ impl World {
 
     /// [`World::open`] without the stand-in injection on bare Chromium.
     pub async fn open_with(&self, c: &mut Cdp, url: &str, inject: bool) -> String {
-        let t = c
-            .call("Target.createTarget", json!({"url": "about:blank"}), None)
-            .await;
-        let target = t["result"]["targetId"]
-            .as_str()
-            .expect("targetId")
-            .to_string();
-        let a = c
-            .call(
-                "Target.attachToTarget",
-                json!({"targetId": target, "flatten": true}),
-                None,
-            )
-            .await;
-        let s = a["result"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("attach: {a}"))
-            .to_string();
+        let s = c.blank_page().await;
         for m in [
             "Page.enable",
             "Runtime.enable",

@@ -441,8 +441,8 @@ impl Cdp {
         }
     }
 
-    /// Opens a page on `url` and returns its flat session id.
-    pub async fn open_page(&mut self, url: &str) -> String {
+    /// Creates an `about:blank` page and attaches a flat session to it; returns the session id.
+    pub async fn blank_page(&mut self) -> String {
         let t = self
             .call("Target.createTarget", json!({"url": "about:blank"}), None)
             .await;
@@ -457,10 +457,15 @@ impl Cdp {
                 None,
             )
             .await;
-        let session = a["result"]["sessionId"]
+        a["result"]["sessionId"]
             .as_str()
-            .expect("sessionId")
-            .to_string();
+            .unwrap_or_else(|| panic!("attach: {a}"))
+            .to_string()
+    }
+
+    /// Opens a page on `url` and returns its flat session id.
+    pub async fn open_page(&mut self, url: &str) -> String {
+        let session = self.blank_page().await;
         self.call("Page.enable", json!({}), Some(&session)).await;
         self.navigate(&session, url).await;
         session
