@@ -315,31 +315,15 @@ impl Mandate {
     /// copies whose values are empty, so a mandate kept for display (the registry lists ended
     /// sessions too) holds no secret once the vault has taken them.
     pub fn take_credentials(&mut self) -> Vec<Credential> {
-        let emptied = self
-            .credentials
-            .iter()
-            .map(|c| Credential {
-                id: c.id.clone(),
-                site: c.site.clone(),
-                allowed_initiators: c.allowed_initiators.clone(),
-                cookies: c
-                    .cookies
-                    .iter()
-                    .map(|k| CredentialCookie {
-                        name: k.name.clone(),
-                        value: SecretString::from(""),
-                        path: k.path.clone(),
-                        secure: k.secure,
-                        http_only: k.http_only,
-                    })
-                    .collect(),
-                headers: c
-                    .headers
-                    .keys()
-                    .map(|k| (k.clone(), SecretString::from("")))
-                    .collect(),
-            })
-            .collect();
+        let mut emptied = self.credentials.clone();
+        for c in &mut emptied {
+            for k in &mut c.cookies {
+                k.value = SecretString::from("");
+            }
+            for v in c.headers.values_mut() {
+                *v = SecretString::from("");
+            }
+        }
         std::mem::replace(&mut self.credentials, emptied)
     }
 }

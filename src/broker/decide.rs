@@ -275,6 +275,14 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
     }
 }
 
+/// The value of the first header named `name` (any case).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 fn is_auth_header(name: &str) -> bool {
     AUTH_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
@@ -371,12 +379,7 @@ fn locate_leak(
 /// the site itself, which the initiator cannot read.
 pub fn first_party(req: &Request<'_>, site: &str, initiators: &[String]) -> bool {
     let allowed = |s: &str| s == site || initiators.iter().any(|i| i == s);
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
+    let header = |name: &str| header(req.headers, name);
     let site_of_url = |v: &str| {
         Url::parse(v)
             .ok()

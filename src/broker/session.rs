@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
-use super::decide::{decide, Context, Decision, Request};
+use super::decide::{decide, header, Context, Decision, Request};
 use crate::browser::conn::FILES_DIR;
 use crate::browser::BrowserConn;
 use crate::gate::HeldCell;
@@ -894,13 +894,6 @@ pub fn shown_host(detector: &crate::broker::leak::LeakDetector, host: &str) -> S
 enum Action {
     Continue(Option<Vec<(String, String)>>),
     Fail,
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 /// The body as Fetch shows it: `postDataEntries` hold the exact bytes (`postData` is lossy for
