@@ -1,7 +1,8 @@
 //! The operator API: JSON over HTTP/1.1 on a Unix socket (default) or TCP with a token.
 //!
 //! `POST /v1/sessions` (body: a mandate) → 201 with `id`, `state`, `cdp_url`, `http_url`,
-//! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `DELETE /v1/sessions/{id}`
+//! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `PATCH /v1/sessions/{id}`
+//! (change the live mandate, see [`crate::session::patch`]); `DELETE /v1/sessions/{id}`
 //! (revoke, answers once purged); `GET /healthz`; `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
 
@@ -35,7 +36,7 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
     };
     Router::new()
         .route("/v1/sessions", get(list).post(create))
-        .route("/v1/sessions/{id}", get(show).delete(revoke))
+        .route("/v1/sessions/{id}", get(show).delete(revoke).patch(change))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/sessions") })
@@ -80,6 +81,11 @@ fn registry_error(e: RegistryError) -> Response {
     let status = match e {
         RegistryError::Full(_) | RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::NotNow(_) | RegistryError::NotActive(..) => StatusCode::CONFLICT,
+        RegistryError::Patch(crate::session::patch::PatchError::NeedsApproval(_)) => {
+            StatusCode::FORBIDDEN
+        }
+        RegistryError::Patch(_) => StatusCode::BAD_REQUEST,
         RegistryError::Launch(_) | RegistryError::Audit(_) | RegistryError::PurgeFailed(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -110,6 +116,27 @@ async fn create(State(ctl): State<Ctl>, req: Request<Body>) -> Response {
     };
     match ctl.reg.create(mandate).await {
         Ok(s) => (StatusCode::CREATED, Json(s.view(ctl.reg.urls()))).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn change(State(ctl): State<Ctl>, Path(id): Path<String>, req: Request<Body>) -> Response {
+    let limit = ctl.reg.config().limits.max_mandate_bytes;
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), limit).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("change: larger than limits.max_mandate_bytes ({limit} bytes)"),
+        );
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return error(StatusCode::BAD_REQUEST, "change: body is not UTF-8 JSON");
+    };
+    match ctl.reg.change(&id, text).await {
+        Ok((s, changes)) => {
+            let mut view = s.view(ctl.reg.urls());
+            view["changes"] = changes.iter().map(|c| c.to_json()).collect();
+            Json(view).into_response()
+        }
         Err(e) => registry_error(e),
     }
 }

@@ -16,6 +16,7 @@ pub mod egress;
 pub mod gate;
 pub mod mandate;
 pub mod metrics;
+pub mod schedule;
 pub mod server;
 pub mod session;
 pub mod vault;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::egress::{EgressPolicy, Host, HostPattern};
+use crate::schedule::{Schedule, Window};
 
 /// The longest a mandate may run when the supervisor's config does not say otherwise.
 pub const DEFAULT_MAX_TTL_SECS: u64 = 8 * 60 * 60;
@@ -35,6 +36,30 @@ pub struct Mandate {
         skip_serializing_if = "Option::is_none"
     )]
     pub not_after: Option<OffsetDateTime>,
+    /// Earliest moment (RFC 3339) a session may start under this mandate. Default: at once.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_before: Option<OffsetDateTime>,
+    /// A recurring time window the session may run in: it cannot start outside, and is ended
+    /// (and purged) when the window closes, whatever the sites' own cookie expiry says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    /// Ends the session when no agent traffic (CDP messages, `/json` requests) arrived for
+    /// this many seconds. Counted from the session's creation. Default: no idle limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Ends the session when the last agent connection closes. Default: false (an agent may
+    /// reconnect until the mandate ends).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoke_on_disconnect: bool,
+    /// Ends the session (`session.anomaly`) when this many refusals of the credential, egress
+    /// or CDP kinds happen within the given seconds. Default: no threshold (`on_leak` still
+    /// applies to each leak).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyThreshold>,
     /// Where the browser may connect. The default allows nothing.
     #[serde(default)]
     pub egress: Egress,
@@ -72,6 +97,18 @@ pub enum OnLeak {
     Revoke,
     /// Fail the request only.
     Block,
+}
+
+/// See [`Mandate::anomaly`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyThreshold {
+    /// Refusals (`credential.blocked`, `credential.exfiltration_blocked`,
+    /// `credential.scope_escalation_blocked`, `egress.denied`, `cdp.denied`) that end the
+    /// session; at least 1.
+    pub max_blocked: u32,
+    /// Within this many seconds (a sliding window); at least 1.
+    pub within_secs: u64,
 }
 
 /// The browser's network policy.
@@ -176,6 +213,74 @@ pub struct ValidMandate {
     pub expires_at: OffsetDateTime,
     /// The browser's network policy.
     pub egress: EgressPolicy,
+    /// The recurring window, checked.
+    pub window: Option<Schedule>,
+    /// The idle limit.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
+/// Why a valid mandate cannot start a session right now.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct NotNow {
+    /// `not_before` or `window`.
+    pub field: &'static str,
+    /// When it can start, in words.
+    pub message: String,
+}
+
+impl ValidMandate {
+    /// Whether a session may start at `now`: after `not_before`, inside the window.
+    pub fn may_start(&self, now: OffsetDateTime) -> Result<(), NotNow> {
+        if let Some(nb) = self.source.not_before.filter(|nb| now < *nb) {
+            return Err(NotNow {
+                field: "not_before",
+                message: format!(
+                    "the mandate starts at {}; a session cannot start before then",
+                    crate::session::rfc3339(nb)
+                ),
+            });
+        }
+        if let Some(w) = &self.window {
+            if w.open_until(now).is_none() {
+                let next = w.next_open(now).map_or_else(
+                    || "it does not open in the next week".to_string(),
+                    |t| format!("it next opens at {}", crate::session::rfc3339(t)),
+                );
+                return Err(NotNow {
+                    field: "window",
+                    message: format!(
+                        "the mandate's window ({}) is closed now; {next}",
+                        w.tz_name()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// When the session must end if nothing else ends it first, and why: the mandate's
+    /// deadline or the close of the window occurrence `now` falls in (a closed window ends
+    /// it at once).
+    pub fn next_end(&self, now: OffsetDateTime) -> (OffsetDateTime, Deadline) {
+        match &self.window {
+            Some(w) => match w.open_until(now) {
+                Some(close) if close < self.expires_at => (close, Deadline::WindowEnd),
+                Some(_) => (self.expires_at, Deadline::Expiry),
+                None => (now, Deadline::WindowEnd),
+            },
+            None => (self.expires_at, Deadline::Expiry),
+        }
+    }
+}
+
+/// Which clock ends a session: see [`ValidMandate::next_end`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deadline {
+    /// `ttl_secs` / `not_after`.
+    Expiry,
+    /// The recurring window closed.
+    WindowEnd,
 }
 
 impl Mandate {
@@ -208,6 +313,26 @@ impl Mandate {
         self,
         now: OffsetDateTime,
         max_ttl_secs: u64,
+    ) -> Result<ValidMandate, MandateError> {
+        self.validate_with(now, max_ttl_secs, true)
+    }
+
+    /// [`Mandate::validate`] for a mandate already in force, changed by a PATCH: its
+    /// credentials are the value-less copies the session keeps (their values are in the
+    /// vault), so only their ids and sites are checked.
+    pub fn revalidate(
+        self,
+        now: OffsetDateTime,
+        max_ttl_secs: u64,
+    ) -> Result<ValidMandate, MandateError> {
+        self.validate_with(now, max_ttl_secs, false)
+    }
+
+    fn validate_with(
+        self,
+        now: OffsetDateTime,
+        max_ttl_secs: u64,
+        check_values: bool,
     ) -> Result<ValidMandate, MandateError> {
         let agent = self.agent.trim();
         if agent.is_empty() {
@@ -297,7 +422,51 @@ impl Mandate {
             hosts.insert(key, ip);
         }
 
-        validate_credentials(&self.credentials)?;
+        if let Some(nb) = self.not_before {
+            if nb >= expires_at {
+                return Err(MandateError::new(
+                    "not_before",
+                    format!(
+                        "is not before the mandate's end ({}); the session could never run",
+                        crate::session::rfc3339(expires_at)
+                    ),
+                ));
+            }
+        }
+        let window = match &self.window {
+            Some(w) => Some(
+                w.validate()
+                    .map_err(|e| MandateError::new(format!("window.{}", e.field), e.message))?,
+            ),
+            None => None,
+        };
+        let idle_timeout = match self.idle_timeout_secs {
+            Some(0) => {
+                return Err(MandateError::new(
+                    "idle_timeout_secs",
+                    "must be at least 1 second; leave it out for no idle limit",
+                ))
+            }
+            Some(s) => Some(std::time::Duration::from_secs(s)),
+            None => None,
+        };
+        if let Some(a) = self.anomaly {
+            if a.max_blocked == 0 {
+                return Err(MandateError::new(
+                    "anomaly.max_blocked",
+                    "must be at least 1; leave `anomaly` out for no threshold",
+                ));
+            }
+            if a.within_secs == 0 {
+                return Err(MandateError::new(
+                    "anomaly.within_secs",
+                    "must be at least 1 second",
+                ));
+            }
+        }
+        if check_values {
+            validate_credentials(&self.credentials)?;
+        }
         Ok(ValidMandate {
             egress: EgressPolicy {
                 allow,
@@ -305,6 +474,8 @@ impl Mandate {
                 hosts,
             },
             expires_at,
+            window,
+            idle_timeout,
             source: self,
         })
     }

@@ -492,6 +492,46 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_credential_is_neither_injected_nor_held() {
+        let mut v = vault();
+        assert_eq!(
+            v.remove("bank"),
+            Some(2),
+            "the cookie and the header value dropped"
+        );
+        assert_eq!(v.remove("bank"), None, "removed twice");
+        assert_eq!(v.remove("nope"), None);
+        let u = url("http://bank.test/account");
+        let hs = h(&[("Cookie", "theme=dark")]);
+        // bank.test is now a site without a credential: its cookies are stripped.
+        let d = decide(&req(&u, &hs, same_site()), &v, UnlistedCredentials::Strip);
+        assert!(
+            matches!(&d, Decision::Continue { injected: None, stripped, .. } if stripped == &["Cookie".to_string()]),
+            "{d:?}"
+        );
+        // Its old value is no longer a held value anywhere; the other credential's still is.
+        let hs = h(&[("X-Leak", COOKIE)]);
+        let to = url("http://attacker.test/");
+        assert!(matches!(
+            decide(&req(&to, &hs, same_site()), &v, UnlistedCredentials::Strip),
+            Decision::Continue { .. }
+        ));
+        let hs = h(&[("X-Leak", "MAILKEY-0123456789")]);
+        assert!(matches!(
+            decide(&req(&to, &hs, same_site()), &v, UnlistedCredentials::Strip),
+            Decision::Exfiltration { .. }
+        ));
+        assert!(
+            v.capture(0, "sid=new-value-1234567; Path=/", &u).is_err(),
+            "a response still in flight filled the removed credential's jar"
+        );
+        let held = v.held("/x");
+        assert!(held.cookies().iter().all(|c| c.site != "bank.test"));
+        assert!(!held.is_credential_host("bank.test"));
+        assert!(held.is_credential_host("mail.test"));
+    }
+
+    #[test]
     fn cross_site_contexts_get_nothing() {
         let v = vault();
         let u = url("http://bank.test/transfer");

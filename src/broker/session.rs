@@ -68,8 +68,8 @@ struct State {
     conn: BrowserConn,
     vault: Mutex<Vault>,
     held: Arc<HeldCell>,
-    unlisted: UnlistedCredentials,
-    on_leak: OnLeak,
+    /// The mandate's `unlisted_credentials` and `on_leak`, as in force (a PATCH may change them).
+    rules: Mutex<(UnlistedCredentials, OnLeak)>,
     events: Arc<dyn BrokerEvents>,
     corr: Mutex<Correlation>,
     /// Coalescing keys of audit records already written.
@@ -197,8 +197,7 @@ impl Broker {
             conn: conn.clone(),
             vault: Mutex::new(vault),
             held,
-            unlisted: mandate.source.unlisted_credentials,
-            on_leak: mandate.source.on_leak,
+            rules: Mutex::new((mandate.source.unlisted_credentials, mandate.source.on_leak)),
             events,
             corr: Mutex::new(Correlation::default()),
             recorded: Mutex::new(HashSet::new()),
@@ -254,6 +253,23 @@ impl Broker {
         self.state.held.clone()
     }
 
+    /// Puts a changed mandate's `unlisted_credentials` and `on_leak` in force from the next
+    /// request on.
+    pub fn set_rules(&self, unlisted: UnlistedCredentials, on_leak: OnLeak) {
+        *lock(&self.state.rules) = (unlisted, on_leak);
+    }
+
+    /// Takes a credential away (a narrowed mandate): its values are dropped and zeroized at
+    /// once, the gate stops treating its cookies as held, and its site is handled as a site
+    /// without a credential from the next request on. Returns how many values were dropped,
+    /// or `None` when the session holds no such credential.
+    pub fn remove_credential(&self, id: &str) -> Option<usize> {
+        let mut vault = lock(&self.state.vault);
+        let dropped = vault.remove(id)?;
+        self.state.held.set(vault.held(FILES_DIR));
+        Some(dropped)
+    }
+
     /// Part of the purge: drops (and so zeroizes) every held value, in the vault and in the
     /// gate's view, and stops injecting. Returns how many credentials were held.
     pub fn purge(&self) -> usize {
@@ -295,7 +311,7 @@ impl Broker {
                     &credential,
                     "egress",
                     &format!("{:?}", f.encoding),
-                    self.state.on_leak,
+                    lock(&self.state.rules).1,
                 );
                 true
             }
@@ -630,7 +646,7 @@ impl State {
                 body: &body,
                 context,
             };
-            let d = decide(&req, &vault, self.unlisted);
+            let d = decide(&req, &vault, lock(&self.rules).0);
             // Names for the audit record, read while the vault is at hand.
             let name_of = |i: usize| vault.credentials()[i].id.clone();
             match &d {
@@ -705,7 +721,7 @@ impl State {
                     &credential,
                     &location.name(),
                     &format!("{encoding:?}"),
-                    self.on_leak,
+                    lock(&self.rules).1,
                 );
                 Action::Fail
             }

@@ -248,6 +248,20 @@ impl HostPattern {
             (Pattern::Subdomains(_), Host::Ip(_)) => false,
         }
     }
+
+    /// Whether every host `other` matches, this pattern matches too; a mandate change that
+    /// only swaps patterns for covered ones narrows the allow list.
+    pub fn covers(&self, other: &HostPattern) -> bool {
+        match (&self.0, &other.0) {
+            (Pattern::Any, _) => true,
+            (_, Pattern::Any) => false,
+            (_, Pattern::Exact(h)) => self.matches(h),
+            (Pattern::Exact(_), Pattern::Subdomains(_)) => false,
+            (Pattern::Subdomains(p), Pattern::Subdomains(o)) => {
+                o == p || self.matches(&Host::Name(o.clone()))
+            }
+        }
+    }
 }
 
 impl fmt::Display for HostPattern {
@@ -482,5 +496,20 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("`*.` needs a domain after it"), "{err}");
+    }
+
+    #[test]
+    fn covers_tells_a_narrower_pattern() {
+        let p = |s: &str| HostPattern::parse(s).unwrap();
+        assert!(p("*").covers(&p("*.example.com")));
+        assert!(p("*.example.com").covers(&p("a.example.com")));
+        assert!(p("*.example.com").covers(&p("*.a.example.com")));
+        assert!(p("*.example.com").covers(&p("*.example.com")));
+        assert!(p("a.example.com").covers(&p("a.example.com")));
+        assert!(!p("*.example.com").covers(&p("example.com")));
+        assert!(!p("*.example.com").covers(&p("*")));
+        assert!(!p("a.example.com").covers(&p("*.a.example.com")));
+        assert!(!p("*.a.example.com").covers(&p("*.example.com")));
+        assert!(!p("example.com").covers(&p("other.com")));
     }
 }

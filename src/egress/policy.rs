@@ -84,6 +84,13 @@ impl EgressPolicy {
         }
     }
 
+    /// Whether a connection already open to `ip` for `host` may stay open under this policy:
+    /// the host is allowed and the address passes the private-network filter.
+    pub fn allows(&self, host: &Host, ip: IpAddr) -> Result<(), DenyReason> {
+        self.check(host)?;
+        self.filter(vec![ip], 0).map(|_| ())
+    }
+
     /// The addresses the proxy may connect to for `host:port`: the `hosts` entry for that exact
     /// name if any, the literal itself for an IP, otherwise the system resolver; then only
     /// addresses that are public or inside `private_networks` are kept. Connect to these and

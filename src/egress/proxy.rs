@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -124,12 +124,16 @@ pub trait EgressObserver: Send + Sync + 'static {
 
 /// Serves the proxy protocol on `listener` under `policy` until `shutdown` is cancelled.
 ///
+/// Every request reads the policy in force at that moment; when it changes, open tunnels whose
+/// destination it no longer allows are closed (and reported), so a narrowed mandate holds
+/// from the very next request, in a reused connection too.
+///
 /// On cancellation it stops accepting, drops every connection, in-flight request and tunnel it
 /// started, and returns once all of them are gone. Run it inside the session's tracing span:
 /// the span is carried onto every task.
 pub async fn serve(
     listener: TcpListener,
-    policy: Arc<EgressPolicy>,
+    policy: watch::Receiver<Arc<EgressPolicy>>,
     observer: Arc<dyn EgressObserver>,
     shutdown: CancellationToken,
 ) {
@@ -175,13 +179,18 @@ pub async fn serve(
 }
 
 struct Shared {
-    policy: Arc<EgressPolicy>,
+    policy: watch::Receiver<Arc<EgressPolicy>>,
     observer: Arc<dyn EgressObserver>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl Shared {
+    /// The policy in force now.
+    fn policy(&self) -> Arc<EgressPolicy> {
+        self.policy.borrow().clone()
+    }
+
     /// Spawns a task that `serve` waits for and that ends (dropping its sockets) on shutdown.
     fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
         let shutdown = self.shutdown.clone();
@@ -244,6 +253,8 @@ struct PendingTunnel {
     upstream: TcpStream,
     host: String,
     port: u16,
+    /// The parsed host and the address dialled, re-checked when the policy changes.
+    dest: (Host, IpAddr),
 }
 
 type TunnelSlot = Arc<Mutex<Option<PendingTunnel>>>;
@@ -314,15 +325,20 @@ async fn connect(
     {
         return shared.refuse(Kind::Connect, &target, DenyReason::HeldValue);
     }
-    match open_upstream(&shared.policy, &target).await {
+    match open_upstream(&shared.policy(), &target).await {
         Err(reason) => shared.refuse(Kind::Connect, &target, reason),
         Ok(upstream) => {
+            let (Ok(host), Ok(peer)) = (target.host.clone(), upstream.peer_addr()) else {
+                let reason = DenyReason::ConnectFailed("the connection has no peer".into());
+                return shared.refuse(Kind::Connect, &target, reason);
+            };
             let upgrade = hyper::upgrade::on(&mut req);
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(PendingTunnel {
                 upgrade,
                 upstream,
                 host: target.shown.clone(),
                 port: target.port,
+                dest: (host, peer.ip()),
             });
             Response::new(empty_body())
         }
@@ -332,7 +348,38 @@ async fn connect(
 /// Longest plaintext request head inspected at the start of a tunnel.
 const MAX_TUNNEL_HEAD: usize = 16 * 1024;
 
+/// Runs a tunnel until either side closes it, or until the policy in force no longer allows
+/// its destination (then it is closed and the refusal reported).
 async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
+    let (host, ip) = tunnel.dest.clone();
+    let (shown, port) = (tunnel.host.clone(), tunnel.port);
+    let mut changes = shared.policy.clone();
+    let withdrawn = async {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let now = changes.borrow_and_update().clone();
+            if let Err(reason) = now.allows(&host, ip) {
+                return reason;
+            }
+        }
+    };
+    tokio::select! {
+        () = tunnel_traffic(tunnel, shared) => {}
+        reason = withdrawn => {
+            tracing::info!(host = %shared.observer.shown_host(&shown), port, "egress proxy: tunnel closed, the changed mandate no longer allows it");
+            shared.observer.denied(&Denied {
+                kind: Kind::Connect,
+                host: shared.observer.shown_host(&shown),
+                port,
+                reason,
+            });
+        }
+    }
+}
+
+async fn tunnel_traffic(tunnel: PendingTunnel, shared: &Shared) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upgraded = match tunnel.upgrade.await {
         Ok(u) => u,
@@ -545,7 +592,7 @@ async fn forward(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody>
     if head_leaks {
         return shared.refuse(Kind::Http, &target, DenyReason::HeldValue);
     }
-    let upstream = match open_upstream(&shared.policy, &target).await {
+    let upstream = match open_upstream(&shared.policy(), &target).await {
         Ok(s) => s,
         Err(reason) => return shared.refuse(Kind::Http, &target, reason),
     };

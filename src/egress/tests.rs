@@ -271,6 +271,8 @@ impl Drop for Echo {
 /// A running proxy under test.
 struct Proxy {
     addr: SocketAddr,
+    /// The policy in force; replacing it is what a mandate change does.
+    policy: tokio::sync::watch::Sender<Arc<EgressPolicy>>,
     recorder: Arc<Recorder>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -282,14 +284,16 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let recorder = Arc::new(Recorder::default());
         let shutdown = CancellationToken::new();
+        let (policy, rx) = tokio::sync::watch::channel(Arc::new(policy));
         let task = tokio::spawn(serve(
             listener,
-            Arc::new(policy),
+            rx,
             Arc::clone(&recorder) as Arc<dyn EgressObserver>,
             shutdown.clone(),
         ));
         Proxy {
             addr,
+            policy,
             recorder,
             shutdown,
             task: Some(task),
@@ -768,6 +772,77 @@ async fn every_request_on_a_kept_alive_connection_is_checked() {
         proxy.recorder.denied(),
         vec![denied(Kind::Http, "evil.test", p, DenyReason::NotAllowed)]
     );
+}
+
+#[tokio::test]
+async fn a_narrowed_policy_holds_from_the_next_request_and_closes_open_tunnels() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("site.test:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 200);
+    t.send("before").await;
+    assert_eq!(t.read_exactly(6).await, b"before");
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("site.test:{}", upstream.port()), "/one"))
+        .await;
+    assert_eq!(c.response().await.status, 200);
+
+    // Another destination stays allowed; site.test goes.
+    proxy
+        .policy
+        .send_replace(Arc::new(policy(&["other.test"], &["127.0.0.0/8"])));
+    assert!(
+        t.closed().await,
+        "a tunnel to a host the changed policy refuses stayed open"
+    );
+    echo.wait_closed(1).await;
+    // The kept-alive connection's next request is judged by the changed policy.
+    c.send(&get(&format!("site.test:{}", upstream.port()), "/two"))
+        .await;
+    assert_eq!(c.response().await.status, 403);
+    assert_eq!(
+        upstream.settle().await,
+        1,
+        "the refused request reached upstream"
+    );
+    assert_eq!(
+        proxy.recorder.denied(),
+        vec![
+            denied(
+                Kind::Connect,
+                "site.test",
+                echo.port(),
+                DenyReason::NotAllowed
+            ),
+            denied(
+                Kind::Http,
+                "site.test",
+                upstream.port(),
+                DenyReason::NotAllowed
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_widened_policy_leaves_open_tunnels_alone() {
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("site.test:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 200);
+    proxy.policy.send_replace(Arc::new(policy(
+        &["site.test", "other.test"],
+        &["127.0.0.0/8"],
+    )));
+    t.send("still here").await;
+    assert_eq!(t.read_exactly(10).await, b"still here");
+    assert_eq!(proxy.recorder.denied(), vec![]);
 }
 
 #[tokio::test]

@@ -122,6 +122,7 @@ fn live(ep: &Endpoint, cap: &str) -> Result<Arc<Session>, Box<Response>> {
             format!("chaperone: session is {}\n", s.state().name()),
         )));
     }
+    s.touch();
     Ok(s)
 }
 
@@ -255,7 +256,7 @@ async fn new_target(
         let message = refusal.message("/json/new");
         crate::gate::GateObserver::denied(
             &crate::gate::AuditGate::new(ep.reg.clone(), s.id.clone()),
-            &s.mandate.source.agent,
+            &s.mandate().source.agent,
             "/json/new",
             refusal.reason(),
         );
@@ -346,10 +347,12 @@ async fn agent_connection(
     };
     let metrics = reg.metrics().clone();
     metrics.agent_connections.inc();
+    // Counts this connection for `revoke_on_disconnect` until the function returns.
+    let _connected = session.agent_connected();
     let (mut tx, mut rx) = socket.split();
     let observer = Arc::new(crate::gate::AuditGate::new(reg.clone(), session.id.clone()));
     let link = match browser
-        .agent_link(&session.mandate.source.agent, observer)
+        .agent_link(&session.mandate().source.agent, observer)
         .await
     {
         Ok(l) => l,
@@ -414,6 +417,7 @@ async fn agent_connection(
             },
             msg = rx.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
+                    session.touch();
                     if t.len() > max_message {
                         let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
                         break;
@@ -424,6 +428,7 @@ async fn agent_connection(
                     }
                 }
                 Some(Ok(Message::Binary(b))) => {
+                    session.touch();
                     if b.len() > max_message {
                         let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", b.len()))).await;
                         break;

@@ -84,6 +84,9 @@ impl GateObserver for AuditGate {
             Some(&self.session),
             serde_json::json!({ "agent": agent, "method": method, "reason": reason }),
         );
+        if let Some(s) = self.reg.get(&self.session) {
+            s.refused("cdp.denied");
+        }
     }
 }
 

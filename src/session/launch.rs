@@ -14,6 +14,7 @@ use super::{BrowserInfo, EndReason, Registry, Session, State};
 use crate::broker::{Broker, BrokerEvents};
 use crate::browser::{chromium, BrowserConn};
 use crate::egress::{self, Denied, EgressObserver, RequestInfo};
+use crate::mandate::Deadline;
 use crate::metrics::ReasonLabel;
 
 /// How long the kill and the purge checks may take before the purge is declared failed.
@@ -47,7 +48,7 @@ pub(super) async fn run(
             "session.active",
             Some(&session.id),
             json!({
-                "agent": session.mandate.source.agent,
+                "agent": session.mandate().source.agent,
                 "browser": browser.version.get("product"),
                 "degraded": browser.degraded,
                 "launcher_pid": launched.launcher_pid,
@@ -70,13 +71,36 @@ pub(super) async fn run(
     session.state.send_replace(State::Active);
     let _ = ready.send(Ok(()));
 
-    let reason = tokio::select! {
-        r = &mut end_rx => r.unwrap_or(EndReason::Shutdown),
-        _ = deadline(session.mandate.expires_at) => EndReason::Expired,
-        // The pipe's far end lives only in the browser, and the browser dies with the
-        // sandbox's init and launcher: EOF here is how any death of the sandbox shows.
-        _ = browser.conn.closed() => EndReason::Crashed,
-        _ = reg.shutdown.cancelled() => EndReason::Shutdown,
+    let mut changes = session.mandate_changes();
+    let reason = loop {
+        // Every clock is read from the mandate in force; a PATCH wakes the loop to re-read.
+        let m = session.mandate();
+        let (ends_at, which) = m.next_end(OffsetDateTime::now_utc());
+        let idle_left = m
+            .idle_timeout
+            .map(|limit| limit.saturating_sub(session.idle_for()));
+        tokio::select! {
+            r = &mut end_rx => break r.unwrap_or(EndReason::Shutdown),
+            _ = deadline(ends_at) => break match which {
+                Deadline::Expiry => EndReason::Expired,
+                Deadline::WindowEnd => EndReason::WindowEnded,
+            },
+            // Agent traffic moves the idle deadline; the loop checks again when it is due.
+            _ = sleep_or_never(idle_left) => {
+                if m.idle_timeout.is_some_and(|limit| session.idle_for() >= limit) {
+                    break EndReason::IdleTimeout;
+                }
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break EndReason::Shutdown;
+                }
+            }
+            // The pipe's far end lives only in the browser, and the browser dies with the
+            // sandbox's init and launcher: EOF here is how any death of the sandbox shows.
+            _ = browser.conn.closed() => break EndReason::Crashed,
+            _ = reg.shutdown.cancelled() => break EndReason::Shutdown,
+        }
     };
     let _ = end(&reg, &session, reason, Some(&launched), None).await;
 }
@@ -100,8 +124,8 @@ async fn launch(
         .iter()
         .filter_map(|l| l.parse::<sandbox::Layer>().ok())
         .collect();
-    let credential_sites: Vec<String> = session
-        .mandate
+    let mandate = session.mandate();
+    let credential_sites: Vec<String> = mandate
         .source
         .credentials
         .iter()
@@ -162,10 +186,10 @@ async fn launch(
     let first = async {
         tokio::join!(
             conn.execute(GetVersionParams::default(), None),
-            conn.attach_agent(&session.mandate.source.agent, observer),
+            conn.attach_agent(&mandate.source.agent, observer),
             Broker::start(
                 &conn,
-                &session.mandate,
+                &mandate,
                 std::mem::take(
                     &mut *session
                         .credentials
@@ -210,12 +234,12 @@ async fn launch(
     };
     let observer = Arc::new(SessionEgress {
         reg: reg.clone(),
-        session: session.id.clone(),
+        session: session.clone(),
         broker: broker.clone(),
     });
     tokio::spawn(egress::serve(
         listener,
-        Arc::new(session.mandate.egress.clone()),
+        session.egress_policy(),
         observer,
         session.ending.clone(),
     ));
@@ -226,6 +250,14 @@ async fn launch(
     *session.broker.lock().unwrap_or_else(|p| p.into_inner()) = broker.clone();
     Ok((BrowserInfo::new(conn, version, degraded, spare), handle))
 }
+
+/// Broker events that count toward the mandate's `anomaly` threshold: refusals, not the
+/// injections, captures and strips that keep the session working.
+const REFUSALS: &[&str] = &[
+    "credential.blocked",
+    "credential.exfiltration_blocked",
+    "credential.scope_escalation_blocked",
+];
 
 /// Audits the broker's decisions and ends the session when it catches a leak.
 struct SessionBroker {
@@ -247,18 +279,25 @@ impl BrokerEvents for SessionBroker {
         self.reg
             .audit
             .record_detached(event, Some(&self.session.id), fields);
+        if REFUSALS.contains(&event) {
+            self.session.refused(event);
+        }
     }
 
     fn revoke(&self, reason: &str) {
         tracing::warn!(session = %self.session.id, reason, "revoking the session (on_leak = \"revoke\")");
-        self.session.request_end(EndReason::Anomaly);
+        self.session.request_end_by(
+            EndReason::Anomaly,
+            "credential_leak",
+            json!({ "on_leak": "revoke", "reason": reason }),
+        );
     }
 }
 
 /// Audits what the proxy refuses and counts what it sees.
 struct SessionEgress {
     reg: Arc<Registry>,
-    session: String,
+    session: Arc<Session>,
     broker: Option<Broker>,
 }
 
@@ -283,7 +322,7 @@ impl EgressObserver for SessionEgress {
         self.reg.metrics.egress_denied.inc();
         self.reg.audit.record_detached(
             "egress.denied",
-            Some(&self.session),
+            Some(&self.session.id),
             json!({
                 "host": d.host,
                 "port": d.port,
@@ -292,6 +331,15 @@ impl EgressObserver for SessionEgress {
                 "code": d.reason.code(),
             }),
         );
+        self.session.refused("egress.denied");
+    }
+}
+
+/// Sleeps for `d`, or forever without one.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -319,7 +367,13 @@ async fn end(
     error: Option<&str>,
 ) -> Result<(), String> {
     session.state.send_replace(State::Ending(reason));
-    let mut fields = json!({ "agent": session.mandate.source.agent });
+    let (trigger, detail) = session
+        .end_detail()
+        .unwrap_or((reason.trigger(), serde_json::Value::Null));
+    let mut fields = json!({ "agent": session.mandate().source.agent, "trigger": trigger });
+    if !detail.is_null() {
+        fields["detail"] = detail;
+    }
     if let Some(e) = error {
         fields["error"] = e.into();
     }

@@ -5,11 +5,15 @@
 //! own clock ends the session at the mandate's deadline, whatever the agent or the sites do.
 
 mod launch;
+pub mod patch;
 mod registry;
 
 pub use registry::{Registry, RegistryError};
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -17,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::browser::{AgentLink, BrowserConn, CdpError};
+use crate::egress::EgressPolicy;
 use crate::gate::GateObserver;
 use crate::mandate::ValidMandate;
 
@@ -26,9 +31,15 @@ use crate::mandate::ValidMandate;
 pub enum EndReason {
     /// The mandate's deadline passed.
     Expired,
+    /// The mandate's recurring window closed.
+    WindowEnded,
+    /// No agent traffic for `idle_timeout_secs`.
+    IdleTimeout,
+    /// The last agent connection closed and the mandate says `revoke_on_disconnect`.
+    AgentDisconnected,
     /// An operator revoked it.
     Revoked,
-    /// A revocation trigger fired (reserved for anomaly detection).
+    /// An anomaly: a leak with `on_leak = "revoke"`, or the mandate's `anomaly` threshold.
     Anomaly,
     /// The supervisor is stopping.
     Shutdown,
@@ -41,6 +52,9 @@ impl EndReason {
     pub fn event(self) -> &'static str {
         match self {
             EndReason::Expired => "session.expired",
+            EndReason::WindowEnded => "session.window_ended",
+            EndReason::IdleTimeout => "session.idle_timeout",
+            EndReason::AgentDisconnected => "session.agent_disconnected",
             EndReason::Revoked => "session.revoked",
             EndReason::Anomaly => "session.anomaly",
             EndReason::Shutdown => "session.shutdown",
@@ -53,14 +67,50 @@ impl EndReason {
         self.event().trim_start_matches("session.")
     }
 
+    /// Which revocation trigger this is, for the audit record's `trigger` field, when the
+    /// one who ended the session did not name a more precise one.
+    pub fn trigger(self) -> &'static str {
+        match self {
+            EndReason::Expired => "mandate_expiry",
+            EndReason::WindowEnded => "window_end",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::AgentDisconnected => "agent_disconnect",
+            EndReason::Revoked => "operator_revoke",
+            EndReason::Anomaly => "anomaly",
+            EndReason::Shutdown => "supervisor_shutdown",
+            EndReason::Crashed => "browser_exit",
+        }
+    }
+
     /// What the agent reads in the websocket close frame.
     pub fn close_reason(self) -> &'static str {
         match self {
             EndReason::Expired => "chaperone: session expired (mandate deadline reached)",
+            EndReason::WindowEnded => "chaperone: session ended (the mandate's time window closed)",
+            EndReason::IdleTimeout => {
+                "chaperone: session ended (idle_timeout_secs without agent traffic)"
+            }
+            EndReason::AgentDisconnected => "chaperone: session ended (agent disconnected)",
             EndReason::Revoked => "chaperone: session revoked by an operator",
             EndReason::Anomaly => "chaperone: session ended by a revocation trigger",
             EndReason::Shutdown => "chaperone: supervisor shutting down",
             EndReason::Crashed => "chaperone: browser crashed; session ended",
+        }
+    }
+}
+
+/// An open agent connection; see [`Session::agent_connected`].
+pub struct AgentGuard {
+    session: Arc<Session>,
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        let s = &self.session;
+        s.touch();
+        let left = s.agents.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 && s.mandate().source.revoke_on_disconnect && s.state() == State::Active {
+            s.request_end(EndReason::AgentDisconnected);
         }
     }
 }
@@ -109,10 +159,22 @@ pub struct Session {
     pub id: String,
     /// Secret part of the agent URLs; whoever has it can drive the browser.
     pub capability: String,
-    /// The mandate.
-    pub mandate: ValidMandate,
+    /// The mandate in force; `PATCH /v1/sessions/{id}` replaces it.
+    mandate: watch::Sender<Arc<ValidMandate>>,
+    /// The egress part of the mandate in force, as the proxy reads it for every request.
+    egress: watch::Sender<Arc<EgressPolicy>>,
     /// When it was created.
     pub created_at: OffsetDateTime,
+    /// The monotonic clock at creation: agent activity is counted from here.
+    started: Instant,
+    /// Milliseconds after `started` of the last agent traffic.
+    last_activity: AtomicU64,
+    /// Agent websocket connections open now.
+    agents: AtomicUsize,
+    /// Recent refusals, for the mandate's `anomaly` threshold.
+    refusals: Mutex<VecDeque<Instant>>,
+    /// The revocation trigger and its facts, set by whoever asked for the end.
+    end_detail: Mutex<Option<(&'static str, serde_json::Value)>>,
     state: watch::Sender<State>,
     /// Cancelled when the session starts ending: agent connections and the proxy stop.
     pub ending: CancellationToken,
@@ -208,6 +270,23 @@ impl Session {
 
     /// Asks the lifecycle task to end the session (first request wins).
     pub fn request_end(&self, reason: EndReason) {
+        self.request_end_by(reason, reason.trigger(), serde_json::Value::Null);
+    }
+
+    /// [`Session::request_end`] naming the trigger that fired and its facts, for the audit
+    /// record of the end.
+    pub fn request_end_by(
+        &self,
+        reason: EndReason,
+        trigger: &'static str,
+        detail: serde_json::Value,
+    ) {
+        {
+            let mut d = self.end_detail.lock().unwrap_or_else(|p| p.into_inner());
+            if d.is_none() {
+                *d = Some((trigger, detail));
+            }
+        }
         if let Some(tx) = self
             .end_request
             .lock()
@@ -216,6 +295,89 @@ impl Session {
         {
             let _ = tx.send(reason);
         }
+    }
+
+    /// The mandate in force.
+    pub fn mandate(&self) -> Arc<ValidMandate> {
+        self.mandate.borrow().clone()
+    }
+
+    /// Follows changes of the mandate in force.
+    pub fn mandate_changes(&self) -> watch::Receiver<Arc<ValidMandate>> {
+        self.mandate.subscribe()
+    }
+
+    /// The egress policy in force, as the proxy reads it.
+    pub fn egress_policy(&self) -> watch::Receiver<Arc<EgressPolicy>> {
+        self.egress.subscribe()
+    }
+
+    /// Puts a changed mandate in force: the proxy, the lifecycle's clocks and the anomaly
+    /// threshold read it from their next request or tick on.
+    pub(crate) fn replace_mandate(&self, m: ValidMandate) {
+        self.egress.send_replace(Arc::new(m.egress.clone()));
+        self.mandate.send_replace(Arc::new(m));
+    }
+
+    /// Notes agent traffic (a CDP message, a `/json` request): the idle clock starts over.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the last agent traffic (or since creation, without any).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Counts an agent connection until the returned guard is dropped. When the last one
+    /// closes and the mandate says `revoke_on_disconnect`, the session ends.
+    pub fn agent_connected(self: &Arc<Self>) -> AgentGuard {
+        self.agents.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        AgentGuard {
+            session: self.clone(),
+        }
+    }
+
+    /// Counts one refusal (credential, egress or CDP) toward the mandate's `anomaly`
+    /// threshold, and ends the session when the threshold is reached.
+    pub fn refused(&self, event: &str) {
+        let Some(t) = self.mandate().source.anomaly else {
+            return;
+        };
+        let now = Instant::now();
+        let window = Duration::from_secs(t.within_secs);
+        let count = {
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            r.push_back(now);
+            while r.front().is_some_and(|at| now.duration_since(*at) > window) {
+                r.pop_front();
+            }
+            r.len()
+        };
+        if count >= t.max_blocked as usize {
+            tracing::warn!(session = %self.id, count, event, "anomaly threshold reached; revoking the session");
+            self.request_end_by(
+                EndReason::Anomaly,
+                "anomaly_threshold",
+                serde_json::json!({
+                    "refusals": count,
+                    "max_blocked": t.max_blocked,
+                    "within_secs": t.within_secs,
+                    "last_refusal": event,
+                }),
+            );
+        }
+    }
+
+    /// The trigger and facts recorded by [`Session::request_end_by`].
+    pub(crate) fn end_detail(&self) -> Option<(&'static str, serde_json::Value)> {
+        self.end_detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The session as the control API shows it.
@@ -228,31 +390,43 @@ impl Session {
             .as_ref()
             .map(|b| b.degraded.clone())
             .unwrap_or_default();
+        let m = self.mandate();
+        let now = OffsetDateTime::now_utc();
+        let (ends_at, _) = m.next_end(now);
         serde_json::json!({
             "id": self.id,
-            "agent": self.mandate.source.agent,
+            "agent": m.source.agent,
             "state": st.name(),
             "end_reason": st.end_reason(),
             "cdp_url": urls.cdp_url(&self.capability),
             "http_url": urls.http_url(&self.capability),
             "created_at": rfc3339(self.created_at),
-            "expires_at": rfc3339(self.mandate.expires_at),
+            "expires_at": rfc3339(m.expires_at),
+            // The earlier of `expires_at` and the close of the current window.
+            "ends_at": st.end_reason().is_none().then(|| rfc3339(ends_at)),
+            "not_before": m.source.not_before.map(rfc3339),
+            "window": m.source.window,
+            "idle_timeout_secs": m.source.idle_timeout_secs,
+            "idle_secs": st.end_reason().is_none().then(|| self.idle_for().as_secs()),
+            "agents_connected": self.agents.load(Ordering::Relaxed),
+            "revoke_on_disconnect": m.source.revoke_on_disconnect,
+            "anomaly": m.source.anomaly,
             "degraded": degraded,
             "egress": {
-                "allow": self.mandate.source.egress.allow,
-                "private_networks": self.mandate.source.egress.private_networks,
-                "hosts": self.mandate.source.egress.hosts,
+                "allow": m.source.egress.allow,
+                "private_networks": m.source.egress.private_networks,
+                "hosts": m.source.egress.hosts,
             },
             // Names and sites only: values never leave the vault.
-            "credentials": self.mandate.source.credentials.iter().map(|c| serde_json::json!({
+            "credentials": m.source.credentials.iter().map(|c| serde_json::json!({
                 "id": c.id,
                 "site": c.site,
                 "allowed_initiators": c.allowed_initiators,
                 "cookies": c.cookies.iter().map(|k| &k.name).collect::<Vec<_>>(),
                 "headers": c.headers.keys().collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
-            "unlisted_credentials": self.mandate.source.unlisted_credentials,
-            "on_leak": self.mandate.source.on_leak,
+            "unlisted_credentials": m.source.unlisted_credentials,
+            "on_leak": m.source.on_leak,
         })
     }
 }
@@ -308,8 +482,14 @@ pub(crate) fn new_session(
         broker: Mutex::new(None),
         id: random_hex(8),
         capability: random_hex(32),
-        mandate,
+        egress: watch::Sender::new(Arc::new(mandate.egress.clone())),
+        mandate: watch::Sender::new(Arc::new(mandate)),
         created_at: now,
+        started: Instant::now(),
+        last_activity: AtomicU64::new(0),
+        agents: AtomicUsize::new(0),
+        refusals: Mutex::new(VecDeque::new()),
+        end_detail: Mutex::new(None),
         state: watch::Sender::new(State::Launching),
         ending: CancellationToken::new(),
         browser: Mutex::new(None),

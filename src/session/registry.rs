@@ -38,6 +38,15 @@ pub enum RegistryError {
     /// The supervisor is stopping.
     #[error("the supervisor is shutting down")]
     ShuttingDown,
+    /// The mandate does not allow a session now (`not_before`, `window`).
+    #[error("{0}")]
+    NotNow(String),
+    /// The session is not running (still launching, or ending), so its mandate cannot change.
+    #[error("session `{0}` is {1}; only an active session's mandate can change")]
+    NotActive(String, &'static str),
+    /// The change was refused.
+    #[error("{0}")]
+    Patch(#[from] super::patch::PatchError),
 }
 
 /// All sessions of this supervisor.
@@ -51,6 +60,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     tasks: TaskTracker,
     pub(super) shutdown: CancellationToken,
+    /// Serializes mandate changes.
+    changing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -73,6 +84,7 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -109,7 +121,11 @@ impl Registry {
         if self.shutdown.is_cancelled() {
             return Err(RegistryError::ShuttingDown);
         }
-        let (session, end_rx) = new_session(mandate, OffsetDateTime::now_utc());
+        let now = OffsetDateTime::now_utc();
+        mandate
+            .may_start(now)
+            .map_err(|e| RegistryError::NotNow(format!("mandate.{e}")))?;
+        let (session, end_rx) = new_session(mandate, now);
         let slot = {
             let mut inner = self.lock();
             let live = inner
@@ -130,7 +146,7 @@ impl Registry {
                 .insert(session.capability.clone(), session.id.clone());
             slot
         };
-        let m = &session.mandate;
+        let m = session.mandate();
         let created = self
             .audit
             .record(
@@ -210,6 +226,67 @@ impl Registry {
         let mut v: Vec<_> = self.lock().sessions.values().cloned().collect();
         v.sort_by_key(|s| s.created_at);
         v
+    }
+
+    /// Changes a live session's mandate (`PATCH /v1/sessions/{id}`, see [`super::patch`]).
+    /// A narrowing is put in force first and then audited (`mandate.narrowed`); a widening is
+    /// audited first (`mandate.widened`, with `approved_by`) and then put in force. Either way
+    /// the record is durable before this returns, and the change holds from the session's
+    /// next request on.
+    pub async fn change(
+        &self,
+        id: &str,
+        body: &str,
+    ) -> Result<(Arc<Session>, Vec<super::patch::Change>), RegistryError> {
+        let s = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        // One change at a time, so each is judged against the mandate the one before left.
+        let _one = self.changing.lock().await;
+        if s.state() != State::Active {
+            return Err(RegistryError::NotActive(s.id.clone(), s.state().name()));
+        }
+        let patched = super::patch::prepare(
+            &s.mandate(),
+            body,
+            OffsetDateTime::now_utc(),
+            self.cfg.limits.max_ttl.as_secs(),
+        )?;
+        let changes: Vec<_> = patched.changes.iter().map(|c| c.to_json()).collect();
+        let record = json!({
+            "agent": s.mandate().source.agent,
+            "approved_by": patched.approved_by,
+            "changes": changes,
+        });
+        let widens = patched.widens();
+        if widens {
+            self.audit
+                .record("mandate.widened", Some(&s.id), record.clone())
+                .await?;
+        }
+        let broker = s.broker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for id in &patched.removed_credentials {
+            let zeroized = broker.as_ref().and_then(|b| b.remove_credential(id));
+            self.audit.record_detached(
+                "credential.removed",
+                Some(&s.id),
+                json!({ "credential": id, "values_zeroized": zeroized.unwrap_or(0) }),
+            );
+        }
+        if let Some(b) = &broker {
+            b.set_rules(
+                patched.mandate.source.unlisted_credentials,
+                patched.mandate.source.on_leak,
+            );
+        }
+        let changes = patched.changes;
+        s.replace_mandate(patched.mandate);
+        if !widens {
+            self.audit
+                .record("mandate.narrowed", Some(&s.id), record)
+                .await?;
+        }
+        Ok((s, changes))
     }
 
     /// Revokes a session and waits until it is purged.

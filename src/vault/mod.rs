@@ -96,6 +96,8 @@ pub struct HeldCredential {
     pub initiators: Vec<String>,
     headers: Vec<(String, Secret)>,
     jar: SiteJar,
+    /// Taken away by a mandate change: its values are gone and its site has no credential.
+    removed: bool,
 }
 
 impl HeldCredential {
@@ -160,6 +162,7 @@ impl Vault {
                 initiators: c.allowed_initiators.iter().map(|s| site_of(s)).collect(),
                 headers,
                 jar,
+                removed: false,
             });
         }
         let mut vault = Vault {
@@ -192,7 +195,21 @@ impl Vault {
 
     /// Index of the credential for `site` (a registrable domain).
     pub fn credential_for_site(&self, site: &str) -> Option<usize> {
-        self.creds.iter().position(|c| c.site == site)
+        self.creds.iter().position(|c| c.site == site && !c.removed)
+    }
+
+    /// Takes a credential away (a narrowed mandate): its values are dropped, and so zeroized,
+    /// at once; its site is a site without a credential from the next request on. Indices of
+    /// the other credentials do not move. Returns how many values were dropped, or `None`
+    /// when no credential has that id (or it was removed before).
+    pub fn remove(&mut self, id: &str) -> Option<usize> {
+        let c = self.creds.iter_mut().find(|c| c.id == id && !c.removed)?;
+        let dropped = c.secrets().count();
+        c.headers = Vec::new();
+        c.jar = SiteJar::new(&c.site);
+        c.removed = true;
+        self.rebuild();
+        Some(dropped)
     }
 
     /// The detector for material travelling to credential `home`'s site (`None`: to any other
@@ -226,7 +243,8 @@ impl Vault {
         let c = self
             .creds
             .get_mut(cred)
-            .ok_or_else(|| JarError::Refused("no such credential".into()))?;
+            .filter(|c| !c.removed)
+            .ok_or_else(|| JarError::Refused("no such credential (or it was removed)".into()))?;
         let name = set_cookie
             .split(';')
             .next()
@@ -246,14 +264,19 @@ impl Vault {
     pub fn held(&self, files_dir: &str) -> Held {
         let mut values = Vec::new();
         let mut cookies = Vec::new();
-        for c in &self.creds {
+        for c in self.creds.iter().filter(|c| !c.removed) {
             values.extend(c.secrets().filter(detectable).flat_map(forms));
             cookies.extend(c.jar.names().into_iter().map(|name| HeldCookie {
                 site: c.site.clone(),
                 name,
             }));
         }
-        let sites = self.creds.iter().map(|c| c.site.clone()).collect();
+        let sites = self
+            .creds
+            .iter()
+            .filter(|c| !c.removed)
+            .map(|c| c.site.clone())
+            .collect();
         Held::new(&values, cookies, sites, files_dir)
     }
 
