@@ -615,7 +615,9 @@ fn bank(r: &Request, o: &Origins) -> Reply {
         ("POST", "/login") => Reply::redirect("/account")
             .with(
                 "Set-Cookie",
-                &format!("bank_session={SESSION}; HttpOnly; Path=/"),
+                // Valid for a year, as sites' "remember me" sessions are: the mandate's own
+                // clock must end the session long before (tests/governance.rs).
+                &format!("bank_session={SESSION}; HttpOnly; Path=/; Max-Age=31536000"),
             )
             .with("Set-Cookie", &format!("bank_csrf={CSRF}; Path=/")),
         (_, "/account") if r.authenticated() => Reply::html(WELCOME),
