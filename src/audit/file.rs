@@ -181,7 +181,10 @@ impl Drop for FileSink {
         // Closing the queue lets the writer finish what is queued and stop.
         drop(self.tx.take());
         if let Some(w) = self.writer.take() {
-            let _ = w.join();
+            // An acknowledgement that dropped the last handle runs on the writer itself.
+            if w.thread().id() != std::thread::current().id() {
+                let _ = w.join();
+            }
         }
     }
 }
