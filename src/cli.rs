@@ -1,4 +1,4 @@
-//! The command line: `serve`, `run`, `session start|list|show|revoke`, `audit verify`,
+//! The command line: `serve`, `run`, `session start|list|show|revoke`, `audit verify|show`,
 //! `doctor`.
 
 use std::path::{Path, PathBuf};
@@ -40,6 +40,9 @@ struct ServeArgs {
     /// Audit log file (JSON Lines, hash-chained).
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Key the audit chain with this file (≥ 32 bytes, mode 0600); overrides audit.key_file.
+    #[arg(long)]
+    audit_key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -108,10 +111,31 @@ enum SessionOp {
 
 #[derive(Subcommand)]
 enum AuditOp {
-    /// Verify a log's hash chain; names the first bad record.
+    /// Verify a log's hash chain, across its rotated files; names the first bad record.
+    /// Exit 0: intact; 2: broken (or the wrong key); 3: intact, but the last line was cut off
+    /// by a crash; 4: keyed, and no --key-file given (nothing verified).
     Verify {
-        /// The log file.
+        /// The log: its file, one of its rotated files, or the directory holding it.
         file: PathBuf,
+        /// The key the log was written with (audit.key_file).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Print one session's records, oldest first, across rotated files (reads the files;
+    /// no supervisor needed; does not verify: use `audit verify`).
+    Show {
+        /// Session id.
+        #[arg(long)]
+        session: String,
+        /// Only events starting with this, e.g. `credential.`.
+        #[arg(long)]
+        event: Option<String>,
+        /// The log (default: the default config's audit_log).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print each record as one JSON line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -161,8 +185,17 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             op,
         } => session(control, token_file, op).await,
         Command::Audit {
-            op: AuditOp::Verify { file },
-        } => audit_verify(&file),
+            op: AuditOp::Verify { file, key_file },
+        } => audit_verify(&file, key_file.as_deref()),
+        Command::Audit {
+            op:
+                AuditOp::Show {
+                    session,
+                    event,
+                    file,
+                    json,
+                },
+        } => audit_show(session, event, file, json),
         Command::Doctor { config } => doctor(config.as_deref()),
     }
 }
@@ -180,6 +213,9 @@ fn load_config(a: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(p) = &a.audit_log {
         cfg.audit_log = p.clone();
+    }
+    if let Some(k) = &a.audit_key_file {
+        cfg.audit.key_file = Some(k.clone());
     }
     Ok(cfg)
 }
@@ -339,23 +375,122 @@ async fn session(
     })
 }
 
-fn audit_verify(file: &Path) -> anyhow::Result<ExitCode> {
-    match crate::audit::verify_file(file) {
-        Ok(s) => {
-            println!(
-                "{}: {} records, chain intact (last hash {})",
-                file.display(),
-                s.records,
-                s.last_hash
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(crate::audit::VerifyError::Chain(e)) => {
+fn audit_verify(file: &Path, key_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    use crate::audit::VerifyError;
+    let key = key_file
+        .map(crate::audit::AuditKey::load)
+        .transpose()
+        .context("--key-file")?;
+    let s = match crate::audit::verify_log(file, key.as_ref()) {
+        Ok(s) => s,
+        Err(VerifyError::Chain(e) | VerifyError::NotKeyed(e) | VerifyError::WrongKey(e)) => {
             println!("{}: chain broken at {e}", file.display());
-            Ok(ExitCode::from(2))
+            return Ok(ExitCode::from(2));
         }
-        Err(e) => bail!("{}: {e}", file.display()),
+        Err(VerifyError::KeyNeeded { key_id, .. }) => {
+            println!(
+                "{}: NOT verified: the log is keyed (hmac-sha256, key_id {key_id}); pass --key-file with the key it was written with",
+                file.display()
+            );
+            return Ok(ExitCode::from(4));
+        }
+        Err(e) => bail!("{e}"),
+    };
+    let first = s.files.first().and_then(|f| f.first_seq).unwrap_or(0);
+    let mut notes = Vec::new();
+    if s.files.len() > 1 {
+        notes.push(format!(
+            "{} files, seq {first} to {}",
+            s.files.len(),
+            s.last_seq
+        ));
     }
+    if let Some(prev) = &s.continues {
+        notes.push(format!(
+            "continues an earlier file {prev} that is not here: verified from seq {first}"
+        ));
+    }
+    notes.push(match &s.key_id {
+        Some(id) => format!("keyed: hmac-sha256, key_id {id}"),
+        None if s.records == 0 => "empty".to_string(),
+        None => "not keyed: plain SHA-256, which anyone who can write the log can recompute (set audit.key_file)".to_string(),
+    });
+    if let Some(torn) = s.torn_tail() {
+        println!(
+            "{}: {} records verified; the last line is incomplete (a write was cut off): {torn} bytes after seq {}; the supervisor drops them and records audit.recovered when it next opens the log",
+            file.display(),
+            s.records,
+            s.last_seq
+        );
+        for n in notes {
+            println!("  {n}");
+        }
+        return Ok(ExitCode::from(3));
+    }
+    println!(
+        "{}: {} records, chain intact (last hash {})",
+        file.display(),
+        s.records,
+        s.last_hash
+    );
+    for n in notes {
+        println!("  {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_show(
+    session: String,
+    event: Option<String>,
+    file: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = file.unwrap_or_else(|| Config::default().audit_log);
+    let q = crate::audit::AuditQuery {
+        session,
+        event_prefix: event,
+    };
+    let records = crate::audit::read_log(&path, &q)?;
+    for r in &records {
+        if json {
+            println!("{r}");
+        } else {
+            println!("{}", describe(r));
+        }
+    }
+    if records.is_empty() {
+        eprintln!(
+            "chaperone: no records of session {} in {}",
+            q.session,
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line per record: time, seq, event, then the event's own fields.
+fn describe(r: &serde_json::Value) -> String {
+    const CHAIN: &[&str] = &[
+        "seq", "ts", "event", "session", "prev", "hash", "alg", "key_id",
+    ];
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut line = format!(
+        "{} #{} {}",
+        text(&r["ts"]),
+        text(&r["seq"]),
+        text(&r["event"])
+    );
+    if let Some(m) = r.as_object() {
+        let mut keys: Vec<&String> = m.keys().filter(|k| !CHAIN.contains(&k.as_str())).collect();
+        keys.sort();
+        for k in keys {
+            line.push_str(&format!(" {k}={}", text(&m[k])));
+        }
+    }
+    line
 }
 
 fn doctor(config: Option<&Path>) -> anyhow::Result<ExitCode> {

@@ -70,6 +70,8 @@ pub struct Config {
     pub control_token_file: Option<PathBuf>,
     /// The audit log (JSON Lines, hash-chained).
     pub audit_log: PathBuf,
+    /// Keying and rotation of the audit log.
+    pub audit: AuditConfig,
     /// Serve the agent endpoint over TLS (`wss://`) with this certificate chain and key (PEM).
     pub tls: Option<TlsConfig>,
     /// Browser settings.
@@ -88,6 +90,19 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+}
+
+/// `[audit]`: keying and rotation of the audit log.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A file of at least 32 random bytes, readable by its owner only. With it, records are
+    /// sealed with HMAC-SHA256, so someone who can write the log but lacks the key cannot
+    /// recompute the chain. Default none: plain SHA-256 (tamper-evident only against someone
+    /// who cannot also recompute hashes).
+    pub key_file: Option<PathBuf>,
+    /// Rotate the log once it is larger than this (e.g. `"64MiB"`). Default none: never.
+    pub rotate_bytes: Option<bytesize::ByteSize>,
 }
 
 /// Browser settings.
@@ -160,6 +175,7 @@ impl Default for Config {
             control: ControlAddr::Unix(runtime.join("control.sock")),
             control_token_file: None,
             audit_log: state.join("audit.jsonl"),
+            audit: AuditConfig::default(),
             tls: None,
             browser: BrowserConfig::default(),
             sandbox: SandboxConfig::default(),
@@ -248,6 +264,11 @@ impl Config {
         if self.sandbox.uid_count == 0 {
             return Err("sandbox.uid_count: must be at least 1".into());
         }
+        if self.audit.rotate_bytes.is_some_and(|b| b.as_u64() == 0) {
+            return Err(
+                "audit.rotate_bytes: must be at least 1 byte (leave it out to never rotate)".into(),
+            );
+        }
         Ok(())
     }
 
@@ -293,7 +314,31 @@ mod tests {
         .unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.limits.max_ttl, Duration::from_secs(7200));
+        assert!(c.audit.key_file.is_none() && c.audit.rotate_bytes.is_none());
         assert_eq!(c.sandbox.memory_limit.as_u64(), 512 * 1024 * 1024);
+    }
+
+    #[test]
+    fn audit_section_reads_key_file_and_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[audit]\nkey_file = \"/etc/chaperone/audit.key\"\nrotate_bytes = \"64MiB\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(
+            c.audit.key_file.as_deref(),
+            Some(Path::new("/etc/chaperone/audit.key"))
+        );
+        assert_eq!(c.audit.rotate_bytes.unwrap().as_u64(), 64 << 20);
+        std::fs::write(&p, "[audit]\nrotate_bytes = 0\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("audit.rotate_bytes"), "{e}");
+        std::fs::write(&p, "[audit]\nkey = \"x\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key") && e.contains("line 2"), "{e}");
     }
 
     #[test]

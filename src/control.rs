@@ -3,13 +3,14 @@
 //! `POST /v1/sessions` (body: a mandate) → 201 with `id`, `state`, `cdp_url`, `http_url`,
 //! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `PATCH /v1/sessions/{id}`
 //! (change the live mandate, see [`crate::session::patch`]); `DELETE /v1/sessions/{id}`
-//! (revoke, answers once purged); `GET /healthz`; `GET /metrics`. Errors are
+//! (revoke, answers once purged); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's
+//! audit records); `GET /healthz`; `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -37,6 +38,7 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
     Router::new()
         .route("/v1/sessions", get(list).post(create))
         .route("/v1/sessions/{id}", get(show).delete(revoke).patch(change))
+        .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/sessions") })
@@ -162,6 +164,34 @@ async fn revoke(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
     match ctl.reg.revoke(&id).await {
         Ok(s) => Json(s.view(ctl.reg.urls())).into_response(),
         Err(e) => registry_error(e),
+    }
+}
+
+/// `GET /v1/audit?session=ID[&event=PREFIX]`: `{"records": [...]}`, oldest first, across
+/// rotated files.
+async fn audit(State(ctl): State<Ctl>, RawQuery(query): RawQuery) -> Response {
+    let mut q = crate::audit::AuditQuery::default();
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "session" => q.session = v.into_owned(),
+            "event" => q.event_prefix = Some(v.into_owned()),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{other}: unknown query parameter (known: session, event)"),
+                )
+            }
+        }
+    }
+    if q.session.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "session: query parameter required, e.g. /v1/audit?session=ID",
+        );
+    }
+    match ctl.reg.audit().query(q).await {
+        Ok(records) => Json(json!({ "records": records })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -10,7 +10,7 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::Audit;
+use crate::audit::{Audit, AuditKey, FileOptions};
 use crate::config::{Config, ControlAddr};
 use crate::metrics::Metrics;
 use crate::session::{AgentUrls, Registry};
@@ -35,7 +35,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .parse::<chaperone_sandbox::Layer>()
             .map_err(|e| anyhow::anyhow!("sandbox.accept_degraded: {e}"))?;
     }
-    let audit = Audit::open_file(&cfg.audit_log)?;
+    let audit_key = match &cfg.audit.key_file {
+        Some(f) => Some(Arc::new(AuditKey::load(f).context("audit.key_file")?)),
+        None => None,
+    };
+    let audit = Audit::open(
+        &cfg.audit_log,
+        FileOptions {
+            key: audit_key,
+            rotate_bytes: cfg.audit.rotate_bytes.map(|b| b.as_u64()),
+        },
+    )?;
     // A supervisor killed with SIGKILL took its browsers with it but could not remove their
     // (now empty) cgroups.
     let swept = tokio::task::spawn_blocking(|| {
