@@ -1,4 +1,4 @@
-//! The command line: `serve`, `run`, `session start|list|show|revoke`, `audit verify|show`,
+//! The command line: `serve`, `run`, `session start|list|show|change|revoke`, `audit verify|show`,
 //! `doctor`.
 
 use std::path::{Path, PathBuf};
@@ -101,6 +101,18 @@ enum SessionOp {
     Show {
         /// Session id.
         id: String,
+    },
+    /// Change a live session's mandate (PATCH): narrowing at once, widening only with
+    /// `--approved-by`.
+    Change {
+        /// Session id.
+        id: String,
+        /// The fields to change, as JSON, e.g. '{"ttl_secs": 600, "credentials": []}'.
+        #[arg(long)]
+        json: String,
+        /// Who approved a widening (sets `approved_by`).
+        #[arg(long)]
+        approved_by: Option<String>,
     },
     /// Revoke a session; returns once it is purged.
     Revoke {
@@ -363,6 +375,25 @@ async fn session(
         }
         SessionOp::List => ("GET", "/v1/sessions".to_string(), None),
         SessionOp::Show { id } => ("GET", format!("/v1/sessions/{id}"), None),
+        SessionOp::Change {
+            id,
+            json,
+            approved_by,
+        } => {
+            let mut body: serde_json::Value =
+                serde_json::from_str(&json).context("--json: not valid JSON")?;
+            if let Some(who) = approved_by {
+                let obj = body
+                    .as_object_mut()
+                    .ok_or_else(|| anyhow::anyhow!("--json: expected a JSON object"))?;
+                obj.insert("approved_by".into(), who.into());
+            }
+            (
+                "PATCH",
+                format!("/v1/sessions/{id}"),
+                Some(body.to_string()),
+            )
+        }
         SessionOp::Revoke { id } => ("DELETE", format!("/v1/sessions/{id}"), None),
     };
     let (status, value) =

@@ -191,6 +191,29 @@ fn session_cli_starts_shows_and_revokes() {
     let id = started["id"].as_str().unwrap();
     let (code, shown) = cli(&["show", id]);
     assert_eq!((code, &shown["id"]), (Some(0), &started["id"]));
+    // Narrowing goes through; a widening without approval is refused; with it, it is in force.
+    let (code, narrowed) = cli(&["change", id, "--json", "{\"idle_timeout_secs\": 600}"]);
+    assert_eq!(code, Some(0), "{narrowed}");
+    assert_eq!(narrowed["idle_timeout_secs"], 600);
+    let (code, refused) = cli(&["change", id, "--json", "{\"idle_timeout_secs\": null}"]);
+    assert_eq!(code, Some(1), "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("approved_by:"),
+        "{refused}"
+    );
+    let (code, widened) = cli(&[
+        "change",
+        id,
+        "--json",
+        "{\"idle_timeout_secs\": null}",
+        "--approved-by",
+        "ops",
+    ]);
+    assert_eq!(code, Some(0), "{widened}");
+    assert_eq!(widened["changes"][0]["widened"], true);
     let (code, revoked) = cli(&["revoke", id]);
     assert_eq!(code, Some(0));
     assert_eq!(revoked["state"], "purged");
