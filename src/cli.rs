@@ -295,12 +295,26 @@ async fn run(
     let mandate = mandate
         .validate(OffsetDateTime::now_utc(), cfg.limits.max_ttl.as_secs())
         .map_err(|e| anyhow::anyhow!("mandate.{e}"))?;
+    // Ctrl-C must purge from the first moment on, during the launch too: without a handler
+    // the signal would kill this process with the browser still starting.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let running = crate::server::start(cfg).await?;
-    let session = match running.registry.create(mandate).await {
-        Ok(s) => s,
-        Err(e) => {
+    let created = tokio::select! {
+        r = running.registry.create(mandate) => Ok(r),
+        _ = term.recv() => Err(143),
+        _ = int.recv() => Err(130),
+    };
+    let session = match created {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
             running.stop().await;
             bail!("{e}");
+        }
+        Err(code) => {
+            running.stop().await;
+            return Ok(ExitCode::from(code));
         }
     };
     let urls = running.registry.urls();
@@ -318,9 +332,6 @@ async fn run(
             bail!("cannot run `{}`: {e}", cmd[0]);
         }
     };
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let code = tokio::select! {
         status = child.wait() => exit_code(status?),
         _ = session.finished() => {

@@ -64,6 +64,8 @@ fn ag120_4_1_ttl_expiry_closes_kills_and_purges() {
         ],
         "{ev:?}"
     );
+    let expired = sup.events("session.expired").pop().unwrap();
+    assert_eq!(expired["trigger"], "mandate_expiry", "{expired}");
     let (_, body) = sup.api("GET", &format!("/v1/sessions/{id}"), None);
     assert_eq!(body["state"], "purged");
     assert_eq!(body["end_reason"], "expired");
@@ -105,6 +107,8 @@ fn ag120_4_5_revocation_purges_before_answering() {
     );
     let purged = sup.wait_audit("purged", |r| r["event"] == "session.purged");
     assert_eq!(purged["processes_left"], 0);
+    let revoked = sup.events("session.revoked").pop().unwrap();
+    assert_eq!(revoked["trigger"], "operator_revoke", "{revoked}");
     // The capability is dead.
     let (status, _) = sup.api("DELETE", "/v1/sessions/nonexistent", None);
     assert_eq!(status, 404);
@@ -139,6 +143,9 @@ fn sigterm_of_the_supervisor_purges_every_session() {
                 "session.purged"
             ]
         );
+    }
+    for r in sup.events("session.shutdown") {
+        assert_eq!(r["trigger"], "supervisor_shutdown", "{r}");
     }
     let last = sup.audit_records().pop().unwrap();
     assert_eq!(last["event"], "supervisor.stopped");
