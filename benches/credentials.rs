@@ -661,6 +661,8 @@ fn mandate(with_credential: bool, s: &Secrets) -> Value {
             "allow": [SITE],
             "private_networks": ["127.0.0.0/8"],
             "hosts": {SITE: "127.0.0.1"},
+            // The local test server listens on an ephemeral port.
+            "ports": ["1024-65535"],
         }
     });
     if with_credential {

@@ -363,6 +363,8 @@ async fn chaperone_cycle(s: &Settings, sup: &Supervisor) -> anyhow::Result<Cycle
             "allow": ["site.test"],
             "private_networks": ["127.0.0.0/8"],
             "hosts": {"site.test": "127.0.0.1"},
+            // The local test server listens on an ephemeral port.
+            "ports": ["1024-65535"],
         }
     });
     let wall0 = SystemTime::now();

@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::egress::{EgressPolicy, Host, HostPattern};
+use crate::egress::{EgressPolicy, Host, HostPattern, PortSpec};
 use crate::schedule::{Schedule, Window};
 
 /// The longest a mandate may run when the supervisor's config does not say otherwise.
@@ -116,9 +116,15 @@ pub struct AnomalyThreshold {
 #[serde(deny_unknown_fields)]
 pub struct Egress {
     /// Host patterns the browser may reach: `example.com` (that host), `*.example.com` (its
-    /// subdomains, not the apex), `*` (any public host). Default: none.
+    /// subdomains, not the apex), `*` (any public host), IP literals. Names are compared as a
+    /// browser reads them: any case, one trailing dot, international names in Unicode or
+    /// punycode. Default: none.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Host patterns (same syntax as `allow`) refused even when `allow` matches: deny wins.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
     /// CIDRs the browser may reach although they are private, loopback, link-local or
     /// unique-local. Default: none, so the browser can never reach the host's own network.
     #[serde(default)]
@@ -126,6 +132,10 @@ pub struct Egress {
     /// Names resolved by the supervisor to a fixed address, like curl `--resolve`.
     #[serde(default)]
     pub hosts: BTreeMap<String, String>,
+    /// Destination ports allowed besides 80 and 443: numbers (`8443`) or inclusive ranges
+    /// (`"1024-65535"`). Default: none, so only 80 and 443.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
 }
 
 /// One credential: material for one site, held by the supervisor.
@@ -396,6 +406,19 @@ impl Mandate {
                 .map_err(|e| MandateError::new(format!("egress.allow[{i}]"), e.to_string()))?;
             allow.push(pat);
         }
+        let mut deny = Vec::with_capacity(self.egress.deny.len());
+        for (i, p) in self.egress.deny.iter().enumerate() {
+            let pat = HostPattern::parse(p)
+                .map_err(|e| MandateError::new(format!("egress.deny[{i}]"), e.to_string()))?;
+            deny.push(pat);
+        }
+        let mut ports = Vec::with_capacity(self.egress.ports.len());
+        for (i, p) in self.egress.ports.iter().enumerate() {
+            let range = p
+                .range()
+                .map_err(|e| MandateError::new(format!("egress.ports[{i}]"), e.to_string()))?;
+            ports.push(range);
+        }
         let mut private_networks = Vec::with_capacity(self.egress.private_networks.len());
         for (i, n) in self.egress.private_networks.iter().enumerate() {
             let net = parse_net(n).ok_or_else(|| {
@@ -470,8 +493,10 @@ impl Mandate {
         Ok(ValidMandate {
             egress: EgressPolicy {
                 allow,
+                deny,
                 private_networks,
                 hosts,
+                ports,
             },
             expires_at,
             window,
@@ -740,6 +765,83 @@ mod tests {
             m.egress.hosts.get("site.test"),
             Some(&"127.0.0.1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn egress_deny_and_ports_are_checked_and_named() {
+        let m = check(
+            r#"{"agent":"a","ttl_secs":5,"egress":{"allow":["*"],"deny":["Bücher.example.","*.internal.example"],
+                "ports":[8443,"9000-9100"],"hosts":{"bücher.test":"127.0.0.1"}}}"#,
+        )
+        .unwrap();
+        let shown: Vec<String> = m.egress.deny.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["xn--bcher-kva.example", "*.internal.example"]);
+        let ports: Vec<String> = m.egress.ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ports, ["8443", "9000-9100"]);
+        assert!(
+            m.egress.hosts.contains_key("xn--bcher-kva.test"),
+            "hosts keys are normalised like requests: {:?}",
+            m.egress.hosts
+        );
+        assert_eq!(
+            serde_json::to_value(&m.source.egress).unwrap()["ports"],
+            serde_json::json!([8443, "9000-9100"]),
+            "the mandate serializes back as written"
+        );
+        let toml = Mandate::from_toml(
+            "agent = \"ci\"\nttl_secs = 30\n[egress]\nallow = [\"*.test\"]\nports = [8080, \"1024-65535\"]\n",
+        )
+        .unwrap()
+        .validate(now(), DEFAULT_MAX_TTL_SECS)
+        .unwrap();
+        assert_eq!(toml.egress.ports.len(), 2);
+
+        for (json, field, message) in [
+            (
+                r#"{"deny":["ok.test","*."]}"#,
+                "egress.deny[1]",
+                "`*.` needs a domain after it",
+            ),
+            (
+                r#"{"ports":[0]}"#,
+                "egress.ports[0]",
+                "`0` is not a port; ports are 1 to 65535",
+            ),
+            (
+                r#"{"ports":[443,70000]}"#,
+                "egress.ports[1]",
+                "`70000` is not a port",
+            ),
+            (
+                r#"{"ports":["9000-80"]}"#,
+                "egress.ports[0]",
+                "the range ends before it starts",
+            ),
+            (
+                r#"{"ports":["https"]}"#,
+                "egress.ports[0]",
+                "is not a port or a range",
+            ),
+            (
+                r#"{"ports":[true]}"#,
+                "egress.ports[0]",
+                "a port number such as 8443",
+            ),
+            (
+                r#"{"allow":["p\u0430ypal.example"]}"#,
+                "egress.allow[0]",
+                "mixes scripts",
+            ),
+            (
+                r#"{"hosts":{"2130706433":"127.0.0.1"}}"#,
+                "egress.hosts.2130706433",
+                "plain host name",
+            ),
+        ] {
+            let e = check(&format!(r#"{{"agent":"a","ttl_secs":5,"egress":{json}}}"#)).unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e}");
+            assert!(e.message.contains(message), "{json}: {e}");
+        }
     }
 
     #[test]

@@ -315,7 +315,7 @@ fn ag120_4_3_narrowing_egress_holds_from_the_next_request() {
         let (status, view) = patch_now(
             &sup,
             &id,
-            json!({"egress": {"allow": ["a.test"], "private_networks": ["127.0.0.0/8"],
+            json!({"egress": {"allow": ["a.test"], "private_networks": ["127.0.0.0/8"], "ports": ["1024-65535"],
                               "hosts": {"a.test": "127.0.0.1", "b.test": "127.0.0.1"}}}),
         )
         .await;
@@ -358,7 +358,7 @@ fn ag120_4_3_widening_needs_approved_by_and_the_agent_has_no_path_to_it() {
     m["egress"]["hosts"]["b.test"] = json!("127.0.0.1");
     let s = sup.session(&m);
     let id = s["id"].as_str().unwrap().to_string();
-    let wider = json!({"allow": ["a.test", "b.test"], "private_networks": ["127.0.0.0/8"],
+    let wider = json!({"allow": ["a.test", "b.test"], "private_networks": ["127.0.0.0/8"], "ports": ["1024-65535"],
                        "hosts": {"a.test": "127.0.0.1", "b.test": "127.0.0.1"}});
 
     let (status, body) = patch(&sup, &id, json!({"egress": wider}));

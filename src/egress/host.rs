@@ -4,7 +4,7 @@
 //! written by the browser, or by whatever runs inside it), so both sides agree on what a host is.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 
 /// The longest host name DNS can carry (RFC 1035, without the trailing dot).
@@ -38,11 +38,30 @@ pub enum HostError {
         /// Which rule it breaks.
         why: &'static str,
     },
-    /// A name ending in a number that is not a dotted-quad IPv4 address. Browsers and
-    /// `getaddrinfo` read such names (`2130706433`, `0x7f.1`) as IPv4 addresses, so accepting
-    /// them as names would let an address slip past a name-based check.
-    #[error("`{0}` ends in a number but is not an IPv4 address in dotted-quad form (`a.b.c.d`)")]
+    /// A name ending in a number that is not a valid IPv4 address. Browsers read a host whose
+    /// last label is a number as an IPv4 address (`2130706433`, `0x7f.1`, `127.1`); those that
+    /// parse as one are taken as that address, those that do not (`1.2.3.4.5`,
+    /// `example.123`) are refused, as a browser refuses them.
+    #[error("`{0}` ends in a number, so it is read as an IPv4 address, but it is not a valid one")]
     NumericName(String),
+    /// An international name that IDNA (UTS #46) processing refuses: bad punycode, a
+    /// disallowed character, a label that breaks the bidi or joiner rules.
+    #[error("`{input}` is not a valid international domain name: {why}")]
+    BadIdn {
+        /// The text as given.
+        input: String,
+        /// What IDNA processing objected to.
+        why: String,
+    },
+    /// A label that mixes scripts (Latin with Cyrillic, Greek with Latin, …), the stuff of
+    /// look-alike names. Latin may go with Han, Hiragana, Katakana, Hangul or Bopomofo.
+    #[error("`{input}`: the label `{label}` mixes scripts; a label must be written in one script (Latin may go with Chinese, Japanese or Korean)")]
+    MixedScript {
+        /// The text as given.
+        input: String,
+        /// The offending label, in Unicode.
+        label: String,
+    },
     /// Brackets that do not hold an IPv6 address.
     #[error("`{0}` is not an IPv6 address in brackets (e.g. `[2001:db8::1]`)")]
     BadIpv6(String),
@@ -61,8 +80,24 @@ pub enum Host {
 }
 
 impl Host {
-    /// Parses and normalises a host: `Example.COM.` → `example.com`, `[::1]` → `::1`,
-    /// `10.0.0.1` → an IPv4 address. A port, a URL, a wildcard or a malformed name is an error.
+    /// Parses and normalises a host the way a browser's URL parser reads it (WHATWG URL host
+    /// parsing, which Chromium follows), then checks DNS syntax:
+    /// - case and one trailing dot: `Example.COM.` → `example.com`;
+    /// - international names (IDNA, UTS #46): `Bücher.example` → `xn--bcher-kva.example`;
+    ///   invalid punycode and labels that mix scripts are refused;
+    /// - IPv6 in brackets: `[::1]` → `::1`; IPv4-mapped `[::ffff:7f00:1]` → `127.0.0.1`;
+    /// - IPv4 in any form a browser accepts: `2130706433`, `0x7f.0.0.1`, `0177.0.0.1`,
+    ///   `127.1` → `127.0.0.1`; names ending in a number that is not an address are refused;
+    /// - percent-encoding is decoded first (`127%2e0.0.1` is `127.0.0.1`).
+    ///
+    /// Encoded IPv4 literals become the address they mean rather than being refused: that
+    /// address is where a browser, `inet_aton` or `getaddrinfo` would connect, so allow, deny
+    /// and the private-range filter all judge the destination the connection would really
+    /// have, and a client talking to the proxy directly gets exactly the browser's reading.
+    /// An allow entry `127.0.0.1` therefore also allows `http://2130706433/`, and nothing
+    /// else can reach 127.0.0.1 by spelling it differently.
+    ///
+    /// A port, a URL, a wildcard or a malformed name is an error.
     pub fn parse(input: &str) -> Result<Host, HostError> {
         if input.is_empty() {
             return Err(HostError::Empty);
@@ -100,10 +135,7 @@ impl Host {
                     .map_err(|_| HostError::BadIpv6(input.to_owned()));
             }
         }
-        if let Ok(v4) = input.parse::<Ipv4Addr>() {
-            return Ok(Host::Ip(IpAddr::V4(v4)));
-        }
-        parse_name(input).map(Host::Name)
+        parse_name_or_ipv4(input)
     }
 
     /// The name, if this is a DNS name.
@@ -133,63 +165,149 @@ impl FromStr for Host {
     }
 }
 
-/// Checks DNS syntax and returns the normalised (lowercase, no trailing dot) name.
-fn parse_name(input: &str) -> Result<String, HostError> {
+/// The WHATWG host parser for anything that is not an IPv6 literal, followed by DNS syntax
+/// and script checks on the name it yields.
+fn parse_name_or_ipv4(input: &str) -> Result<Host, HostError> {
     let bad = |why| HostError::NotAHostName {
         input: input.to_owned(),
         why,
     };
-    if !input.is_ascii() {
-        return Err(bad(
-            "it has non-ASCII characters; use the punycode (`xn--`) form",
-        ));
-    }
-    let name = input
-        .strip_suffix('.')
-        .unwrap_or(input)
-        .to_ascii_lowercase();
-    if name.is_empty() {
+    // One trailing dot names the DNS root and changes nothing; the URL parser would keep it.
+    let trimmed = input.strip_suffix('.').unwrap_or(input);
+    if trimmed.is_empty() {
         return Err(bad("it has no labels"));
     }
+    if trimmed.ends_with('.') {
+        // The URL parser would drop this dot too before reading an address (`127.0.0.1..`).
+        return Err(bad(
+            "it has an empty label (`..`, or a leading or doubled dot)",
+        ));
+    }
+    let ascii = match url::Host::parse(trimmed) {
+        Ok(url::Host::Ipv4(a)) => return Ok(Host::Ip(IpAddr::V4(a))),
+        // Only reachable through brackets, which were handled before; kept total anyway.
+        Ok(url::Host::Ipv6(a)) => return Ok(Host::Ip(IpAddr::V6(a).to_canonical())),
+        Ok(url::Host::Domain(d)) => d,
+        Err(url::ParseError::InvalidIpv4Address) => {
+            return Err(HostError::NumericName(input.to_owned()))
+        }
+        Err(url::ParseError::EmptyHost) => return Err(bad("it has no labels")),
+        Err(e) => {
+            // Say which rule an ASCII name broke; IDNA's own verdict for the rest.
+            if trimmed.is_ascii() {
+                if !trimmed.bytes().all(is_name_byte_or_percent) {
+                    return Err(bad("only letters, digits, `-`, `_` and `.` are allowed"));
+                }
+                if trimmed.split('.').any(str::is_empty) {
+                    return Err(bad(
+                        "it has an empty label (`..`, or a leading or doubled dot)",
+                    ));
+                }
+            }
+            return Err(HostError::BadIdn {
+                input: input.to_owned(),
+                why: idn_why(e),
+            });
+        }
+    };
+    check_name_syntax(&ascii).map_err(bad)?;
+    check_scripts(input, &ascii)?;
+    Ok(Host::Name(ascii))
+}
+
+fn is_name_byte_or_percent(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'%')
+}
+
+fn idn_why(e: url::ParseError) -> String {
+    match e {
+        url::ParseError::IdnaError => {
+            "IDNA processing refused it (bad punycode in an `xn--` label, or a character names \
+             may not hold)"
+                .to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// DNS syntax of a name the URL parser produced (lowercase ASCII, punycode).
+fn check_name_syntax(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_NAME_LEN {
-        return Err(bad("it is longer than 253 characters"));
+        return Err("it is longer than 253 characters");
     }
     for label in name.split('.') {
         if label.is_empty() {
-            return Err(bad(
-                "it has an empty label (`..`, or a leading or doubled dot)",
-            ));
+            return Err("it has an empty label (`..`, or a leading or doubled dot)");
         }
         if label.len() > MAX_LABEL_LEN {
-            return Err(bad("a label is longer than 63 characters"));
+            return Err("a label is longer than 63 characters");
         }
         if !label
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(bad("only letters, digits, `-`, `_` and `.` are allowed"));
+            return Err("only letters, digits, `-`, `_` and `.` are allowed");
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(bad("a label starts or ends with `-`"));
+            return Err("a label starts or ends with `-`");
         }
     }
-    if ends_in_number(&name) {
-        return Err(HostError::NumericName(input.to_owned()));
-    }
-    Ok(name)
+    Ok(())
 }
 
-/// The WHATWG URL "ends in a number" test: such hosts are IPv4 addresses to a browser, and
-/// `inet_aton`-style parsers accept them too.
-fn ends_in_number(name: &str) -> bool {
-    let last = name.rsplit('.').next().unwrap_or(name);
-    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+/// Refuses names with a label that mixes scripts (UTS #39 "highly restrictive"): every
+/// character of a label, ignoring those common to all scripts (digits, `-`), must belong to
+/// one script, or the label must keep to Latin with Han and Hiragana/Katakana (Japanese),
+/// Hangul (Korean) or Bopomofo (Chinese). Allow and deny lists are compared on the punycode,
+/// so a look-alike never matches an entry it imitates; this keeps such names out of mandates
+/// and off the wire altogether.
+fn check_scripts(input: &str, ascii: &str) -> Result<(), HostError> {
+    if !ascii.split('.').any(|l| l.starts_with("xn--")) {
+        return Ok(());
+    }
+    let unicode = url::quirks::domain_to_unicode(ascii);
+    for label in unicode.split('.').filter(|l| !l.is_ascii()) {
+        if !single_script(label) {
+            return Err(HostError::MixedScript {
+                input: input.to_owned(),
+                label: label.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn single_script(label: &str) -> bool {
+    use icu_properties::props::Script;
+    use icu_properties::script::ScriptWithExtensions;
+    const COMBINATIONS: &[&[Script]] = &[
+        &[
+            Script::Latin,
+            Script::Han,
+            Script::Hiragana,
+            Script::Katakana,
+        ],
+        &[Script::Latin, Script::Han, Script::Hangul],
+        &[Script::Latin, Script::Han, Script::Bopomofo],
+    ];
+    let swe = ScriptWithExtensions::new();
+    // Each character's script extensions; characters of every script count for none.
+    let sets: Vec<Vec<Script>> = label
+        .chars()
+        .map(|c| swe.get_script_extensions_val(c).iter().collect::<Vec<_>>())
+        .filter(|set| {
+            !set.iter()
+                .all(|s| *s == Script::Common || *s == Script::Inherited)
+        })
+        .collect();
+    let Some(first) = sets.first() else {
         return true;
-    }
-    match last.strip_prefix("0x") {
-        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
-        None => false,
-    }
+    };
+    let one_script = first.iter().any(|s| sets.iter().all(|set| set.contains(s)));
+    one_script
+        || COMBINATIONS
+            .iter()
+            .any(|combo| sets.iter().all(|set| set.iter().any(|s| combo.contains(s))))
 }
 
 /// One entry of a mandate's `egress.allow` list.
@@ -327,18 +445,55 @@ mod tests {
     }
 
     #[test]
-    fn numeric_names_that_browsers_read_as_addresses_are_refused() {
+    fn encoded_ipv4_literals_are_the_address_they_mean() {
+        let loopback = Host::Ip("127.0.0.1".parse().unwrap());
         for s in [
             "2130706433",
+            "0x7f000001",
+            "0X7F000001",
+            "0x7f.0.0.1",
             "0x7f.1",
+            "0177.0.0.1",
+            "0177.0.0.01",
+            "017700000001",
             "127.1",
+            "127.0.1",
+            "127.0.0.1.",
+            "127%2e0.0.1",
+            "１２７．０．０．１",
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+            "::ffff:7f00:1",
+        ] {
+            assert_eq!(host(s), loopback, "{s}");
+        }
+        assert_eq!(host("017.0.0.1"), Host::Ip("15.0.0.1".parse().unwrap()));
+        assert_eq!(host("0x"), Host::Ip("0.0.0.0".parse().unwrap()));
+        assert_eq!(host("0"), Host::Ip("0.0.0.0".parse().unwrap()));
+        assert_eq!(host("10.1"), Host::Ip("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            host("4294967295"),
+            Host::Ip("255.255.255.255".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn names_ending_in_a_number_that_is_no_address_are_refused() {
+        for s in [
             "1.2.3.4.5",
-            "017.0.0.1",
-            "example.0x10",
             "example.123",
+            "example.0x10",
+            "4294967296",
+            "256.0.0.1",
+            "0x100000000",
+            "08.0.0.1",
+            "127.0.0.1..",
         ] {
             assert!(
-                matches!(Host::parse(s), Err(HostError::NumericName(_))),
+                matches!(
+                    Host::parse(s),
+                    Err(HostError::NumericName(_) | HostError::NotAHostName { .. })
+                ),
                 "{s}: {:?}",
                 Host::parse(s)
             );
@@ -347,6 +502,59 @@ mod tests {
         assert_eq!(host("123.example"), Host::Name("123.example".into()));
         assert_eq!(host("0xcafe.example"), Host::Name("0xcafe.example".into()));
         assert_eq!(host("example.0xz"), Host::Name("example.0xz".into()));
+    }
+
+    #[test]
+    fn international_names_become_punycode() {
+        for (s, ascii) in [
+            ("bücher.example", "xn--bcher-kva.example"),
+            ("BÜCHER.Example.", "xn--bcher-kva.example"),
+            ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+            ("XN--BCHER-KVA.example", "xn--bcher-kva.example"),
+            ("bücher。example", "xn--bcher-kva.example"),
+            ("例え.テスト", "xn--r8jz45g.xn--zckzah"),
+            ("日本語abc.example", "xn--abc-s08fl0dtz6h.example"),
+            ("한국.example", "xn--3e0b707e.example"),
+            ("пример.испытание", "xn--e1afmkfd.xn--80akhbyknj4f"),
+            ("ﬁle.example", "file.example"),
+        ] {
+            assert_eq!(host(s), Host::Name(ascii.into()), "{s}");
+        }
+    }
+
+    #[test]
+    fn invalid_and_mixed_script_international_names_are_refused() {
+        for s in [
+            "xn--",
+            "xn--a.example",
+            "xn--abc.example",
+            "xn--abc-.example",
+            "xn--bcher-kva.xn--",
+            // A zero-width joiner outside the context that allows it.
+            "a\u{200d}b.example",
+            // A right-to-left override.
+            "\u{202e}abc.example",
+            "%00.example",
+        ] {
+            let got = Host::parse(s);
+            assert!(matches!(got, Err(HostError::BadIdn { .. })), "{s}: {got:?}");
+        }
+        for s in [
+            // Latin `p`, `y`, `p`, `l` with Cyrillic `а` (U+0430).
+            "p\u{430}ypal.example",
+            // The same, as a browser sends it.
+            "xn--pypal-4ve.example",
+            // Greek omicron in a Latin word.
+            "g\u{3bf}ogle.example",
+            // Cyrillic with Greek.
+            "\u{43f}\u{3b1}.example",
+        ] {
+            let got = Host::parse(s);
+            assert!(
+                matches!(got, Err(HostError::MixedScript { .. })),
+                "{s}: {got:?}"
+            );
+        }
     }
 
     #[test]
@@ -361,6 +569,10 @@ mod tests {
             ("[::1]", "[::1]"),
             ("::1", "[::1]"),
             ("*.com", "*.com"),
+            ("*.Bücher.example", "*.xn--bcher-kva.example"),
+            ("bücher.example.", "xn--bcher-kva.example"),
+            ("2130706433", "127.0.0.1"),
+            ("[::ffff:7f00:1]", "127.0.0.1"),
         ] {
             let p = pat(input);
             assert_eq!(p.to_string(), canonical, "{input}");
@@ -412,8 +624,8 @@ mod tests {
                 "`-a.example.com` is not a host name: a label starts or ends with `-`",
             ),
             (
-                "bücher.example",
-                "`bücher.example` is not a host name: it has non-ASCII characters; use the punycode (`xn--`) form",
+                "p\u{430}ypal.example",
+                "`p\u{430}ypal.example`: the label `p\u{430}ypal` mixes scripts; a label must be written in one script (Latin may go with Chinese, Japanese or Korean)",
             ),
             ("[::1", "`[::1` is not an IPv6 address in brackets (e.g. `[2001:db8::1]`)"),
             ("[10.0.0.1]", "`[10.0.0.1]` is not an IPv6 address in brackets (e.g. `[2001:db8::1]`)"),
@@ -422,8 +634,8 @@ mod tests {
                 "`[fe80::1%eth0]` is not an IPv6 address in brackets (e.g. `[2001:db8::1]`)",
             ),
             (
-                "2130706433",
-                "`2130706433` ends in a number but is not an IPv4 address in dotted-quad form (`a.b.c.d`)",
+                "1.2.3.4.5",
+                "`1.2.3.4.5` ends in a number, so it is read as an IPv4 address, but it is not a valid one",
             ),
         ] {
             match HostPattern::parse(input) {

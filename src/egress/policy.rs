@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use crate::egress::addr::is_non_public;
 use crate::egress::host::{Host, HostPattern};
+use crate::egress::ports::{self, PortRange};
 
 /// How long a DNS lookup may take before the request is refused.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,6 +23,14 @@ pub enum DenyReason {
     /// No `egress.allow` pattern matches the host as requested.
     #[error("the host is not in the mandate's egress.allow list")]
     NotAllowed,
+    /// An `egress.deny` pattern matches the host as requested (deny wins over allow).
+    #[error("the host is in the mandate's egress.deny list")]
+    Denied,
+    /// The port is neither 80, 443 nor in `egress.ports`.
+    #[error(
+        "port {0} is not allowed; only 80, 443 and the ports in the mandate's egress.ports are"
+    )]
+    PortNotAllowed(u16),
     /// Every address of the host is non-public and outside `egress.private_networks`; carries
     /// the first such address.
     #[error("the host resolves to the non-public address {0}, which egress.private_networks does not list")]
@@ -45,6 +54,8 @@ impl DenyReason {
     pub fn code(&self) -> &'static str {
         match self {
             DenyReason::NotAllowed => "not_allowed",
+            DenyReason::Denied => "denied",
+            DenyReason::PortNotAllowed(_) => "port_not_allowed",
             DenyReason::PrivateAddress(_) => "private_address",
             DenyReason::ResolveFailed(_) => "resolve_failed",
             DenyReason::BadRequest(_) => "bad_request",
@@ -59,12 +70,16 @@ impl DenyReason {
 pub struct EgressPolicy {
     /// Hosts the browser may reach; empty means none.
     pub allow: Vec<HostPattern>,
+    /// Hosts the browser may not reach even though `allow` matches them: deny wins.
+    pub deny: Vec<HostPattern>,
     /// Non-public networks the browser may reach anyway (e.g. a test site on `127.0.0.0/8`).
     /// Public addresses never need listing.
     pub private_networks: Vec<IpNet>,
     /// Fixed answers for exact host names (like curl `--resolve`). Lookup ignores case and a
     /// trailing dot; the answer still has to pass the private-network filter.
     pub hosts: BTreeMap<String, IpAddr>,
+    /// Ports the browser may reach besides 80 and 443 ([`ports::DEFAULT_PORTS`]).
+    pub ports: Vec<PortRange>,
 }
 
 impl EgressPolicy {
@@ -75,8 +90,11 @@ impl EgressPolicy {
         self.check(&host)
     }
 
-    /// [`EgressPolicy::check_host`] for an already parsed host.
+    /// [`EgressPolicy::check_host`] for an already parsed host: `deny` first, then `allow`.
     pub fn check(&self, host: &Host) -> Result<(), DenyReason> {
+        if self.deny.iter().any(|p| p.matches(host)) {
+            return Err(DenyReason::Denied);
+        }
         if self.allow.iter().any(|p| p.matches(host)) {
             Ok(())
         } else {
@@ -84,11 +102,42 @@ impl EgressPolicy {
         }
     }
 
-    /// Whether a connection already open to `ip` for `host` may stay open under this policy:
-    /// the host is allowed and the address passes the private-network filter.
-    pub fn allows(&self, host: &Host, ip: IpAddr) -> Result<(), DenyReason> {
+    /// Whether the destination port is 80, 443 or listed in `ports`.
+    pub fn check_port(&self, port: u16) -> Result<(), DenyReason> {
+        if ports::port_allowed(&self.ports, port) {
+            Ok(())
+        } else {
+            Err(DenyReason::PortNotAllowed(port))
+        }
+    }
+
+    /// Everything decided before any DNS lookup: the host ([`EgressPolicy::check`]), then the
+    /// port.
+    pub fn check_target(&self, host: &Host, port: u16) -> Result<(), DenyReason> {
         self.check(host)?;
-        self.filter(vec![ip], 0).map(|_| ())
+        self.check_port(port)
+    }
+
+    /// Whether a connection already open to `ip:port` for `host` may stay open under this
+    /// policy: host and port pass [`EgressPolicy::check_target`] and the address passes the
+    /// private-network filter.
+    pub fn allows(&self, host: &Host, ip: IpAddr, port: u16) -> Result<(), DenyReason> {
+        self.check_target(host, port)?;
+        self.filter(vec![ip], port).map(|_| ())
+    }
+
+    /// Whether changing from `old` to this policy keeps every refusal `old.deny` made: each
+    /// old deny pattern is covered by a pattern of this policy's `deny`. (For a live mandate
+    /// change: anything else removes a refusal, i.e. widens.)
+    pub fn keeps_denials_of(&self, old: &EgressPolicy) -> bool {
+        old.deny
+            .iter()
+            .all(|d| self.deny.iter().any(|n| n.covers(d)))
+    }
+
+    /// Whether this policy opens no port that `old` kept closed.
+    pub fn ports_within(&self, old: &EgressPolicy) -> bool {
+        ports::ports_within(&self.ports, &old.ports)
     }
 
     /// The addresses the proxy may connect to for `host:port`: the `hosts` entry for that exact
@@ -96,7 +145,7 @@ impl EgressPolicy {
     /// addresses that are public or inside `private_networks` are kept. Connect to these and
     /// nothing else: resolving again later would open a DNS-rebinding window.
     ///
-    /// Does not check `allow`; call [`EgressPolicy::check_host`] first.
+    /// Does not check `allow`, `deny` or the port; call [`EgressPolicy::check_target`] first.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DenyReason> {
         let host = Host::parse(host).map_err(|e| DenyReason::BadRequest(e.to_string()))?;
         self.resolve_host(&host, port).await
@@ -178,6 +227,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.parse().unwrap()))
                 .collect(),
+            ..EgressPolicy::default()
         }
     }
 
@@ -330,6 +380,132 @@ mod tests {
         );
     }
 
+    fn pats(list: &[&str]) -> Vec<HostPattern> {
+        list.iter()
+            .map(|p| HostPattern::parse(p).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let mut p = policy(&["*.example.com", "*"], &[], &[]);
+        p.deny = pats(&[
+            "admin.example.com",
+            "*.internal.example.com",
+            "bücher.example",
+        ]);
+        assert_eq!(p.check_host("www.example.com"), Ok(()));
+        assert_eq!(
+            p.check_host("internal.example.com"),
+            Ok(()),
+            "only below it"
+        );
+        for h in [
+            "admin.example.com",
+            "ADMIN.example.com.",
+            "a.internal.example.com",
+            "b.a.internal.example.com",
+            // The deny entry is written in Unicode, the browser sends punycode.
+            "xn--bcher-kva.example",
+            "BÜCHER.example",
+        ] {
+            assert_eq!(p.check_host(h), Err(DenyReason::Denied), "{h}");
+        }
+        // An address is denied by its address, however it is spelled.
+        p.deny = pats(&["127.0.0.1"]);
+        for h in [
+            "127.0.0.1",
+            "2130706433",
+            "0x7f.1",
+            "[::ffff:7f00:1]",
+            "127.1",
+        ] {
+            assert_eq!(p.check_host(h), Err(DenyReason::Denied), "{h}");
+        }
+        // Deny alone allows nothing.
+        let only_deny = EgressPolicy {
+            deny: pats(&["evil.example"]),
+            ..EgressPolicy::default()
+        };
+        assert_eq!(
+            only_deny.check_host("good.example"),
+            Err(DenyReason::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn ports_other_than_80_and_443_need_listing() {
+        let mut p = policy(&["*"], &[], &[]);
+        let host = Host::parse("example.com").unwrap();
+        assert_eq!(p.check_target(&host, 80), Ok(()));
+        assert_eq!(p.check_target(&host, 443), Ok(()));
+        assert_eq!(
+            p.check_target(&host, 8443),
+            Err(DenyReason::PortNotAllowed(8443))
+        );
+        assert_eq!(
+            p.check_target(&host, 22),
+            Err(DenyReason::PortNotAllowed(22))
+        );
+        p.ports = vec![
+            PortRange::single(8443),
+            PortRange::parse("9000-9100").unwrap(),
+        ];
+        assert_eq!(p.check_target(&host, 8443), Ok(()));
+        assert_eq!(p.check_target(&host, 9050), Ok(()));
+        assert_eq!(
+            p.check_target(&host, 9101),
+            Err(DenyReason::PortNotAllowed(9101))
+        );
+        // The host is judged first: a refused host is refused for that reason.
+        let strict = policy(&["example.com"], &[], &[]);
+        let other = Host::parse("10.0.0.1").unwrap();
+        assert_eq!(strict.check_target(&other, 22), Err(DenyReason::NotAllowed));
+    }
+
+    #[test]
+    fn an_open_connection_is_rechecked_for_host_port_and_address() {
+        let mut p = policy(&["site.test"], &["127.0.0.0/8"], &[]);
+        p.ports = vec![PortRange::single(8080)];
+        let host = Host::parse("site.test").unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(p.allows(&host, lo, 8080), Ok(()));
+        assert_eq!(
+            p.allows(&host, lo, 8081),
+            Err(DenyReason::PortNotAllowed(8081))
+        );
+        p.deny = pats(&["site.test"]);
+        assert_eq!(p.allows(&host, lo, 8080), Err(DenyReason::Denied));
+        p.deny.clear();
+        p.private_networks.clear();
+        assert_eq!(
+            p.allows(&host, lo, 8080),
+            Err(DenyReason::PrivateAddress(lo))
+        );
+    }
+
+    #[test]
+    fn narrowing_helpers_compare_deny_and_ports() {
+        let old = EgressPolicy {
+            deny: pats(&["a.example", "*.b.example"]),
+            ports: vec![PortRange::parse("1024-2047").unwrap()],
+            ..EgressPolicy::default()
+        };
+        let mut new = old.clone();
+        assert!(new.keeps_denials_of(&old) && new.ports_within(&old));
+        new.deny = pats(&["*.example", "a.example"]);
+        assert!(
+            new.keeps_denials_of(&old),
+            "a wider deny keeps the old refusals"
+        );
+        new.deny = pats(&["a.example"]);
+        assert!(!new.keeps_denials_of(&old), "a removed deny entry widens");
+        new.ports = vec![PortRange::single(1500)];
+        assert!(new.ports_within(&old));
+        new.ports = vec![PortRange::single(22)];
+        assert!(!new.ports_within(&old));
+    }
+
     #[test]
     fn deny_reasons_read_well() {
         assert_eq!(
@@ -340,5 +516,15 @@ mod tests {
             DenyReason::PrivateAddress("10.0.0.1".parse().unwrap()).to_string(),
             "the host resolves to the non-public address 10.0.0.1, which egress.private_networks does not list"
         );
+        assert_eq!(
+            DenyReason::Denied.to_string(),
+            "the host is in the mandate's egress.deny list"
+        );
+        assert_eq!(DenyReason::Denied.code(), "denied");
+        assert_eq!(
+            DenyReason::PortNotAllowed(25).to_string(),
+            "port 25 is not allowed; only 80, 443 and the ports in the mandate's egress.ports are"
+        );
+        assert_eq!(DenyReason::PortNotAllowed(25).code(), "port_not_allowed");
     }
 }

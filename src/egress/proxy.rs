@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::egress::host::Host;
 use crate::egress::policy::{DenyReason, EgressPolicy};
+use crate::egress::traffic::{Counted, HostCounters, Traffic};
 
 /// How long dialling the checked upstream addresses may take, all attempts together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,6 +121,12 @@ pub trait EgressObserver: Send + Sync + 'static {
     fn shown_host(&self, host: &str) -> String {
         host.to_string()
     }
+    /// Where the proxy counts requests, refusals and bytes per destination host (keyed by
+    /// [`shown_host`](Self::shown_host)); `None` counts nothing. The proxy marks it
+    /// [finished](Traffic::finish) when it stops.
+    fn traffic(&self) -> Option<&Traffic> {
+        None
+    }
 }
 
 /// Serves the proxy protocol on `listener` under `policy` until `shutdown` is cancelled.
@@ -176,6 +183,9 @@ pub async fn serve(
     drop(listener);
     shared.tasks.close();
     shared.tasks.wait().await;
+    if let Some(t) = shared.observer.traffic() {
+        t.finish();
+    }
 }
 
 struct Shared {
@@ -189,6 +199,15 @@ impl Shared {
     /// The policy in force now.
     fn policy(&self) -> Arc<EgressPolicy> {
         self.policy.borrow().clone()
+    }
+
+    /// The counters of the destination `host` (as the observer shows it), or counters nobody
+    /// reads when the observer keeps none.
+    fn counters(&self, host: &str) -> Arc<HostCounters> {
+        match self.observer.traffic() {
+            Some(t) => t.host(&self.observer.shown_host(host)),
+            None => Arc::default(),
+        }
     }
 
     /// Spawns a task that `serve` waits for and that ends (dropping its sockets) on shutdown.
@@ -220,9 +239,11 @@ impl Shared {
         tracing::info!(%kind, host = %target.shown, port = target.port, %reason, "egress refused");
         let status = match reason {
             DenyReason::BadRequest(_) => StatusCode::BAD_REQUEST,
-            DenyReason::NotAllowed | DenyReason::PrivateAddress(_) | DenyReason::HeldValue => {
-                StatusCode::FORBIDDEN
-            }
+            DenyReason::NotAllowed
+            | DenyReason::Denied
+            | DenyReason::PortNotAllowed(_)
+            | DenyReason::PrivateAddress(_)
+            | DenyReason::HeldValue => StatusCode::FORBIDDEN,
             DenyReason::ResolveFailed(_) | DenyReason::ConnectFailed(_) => StatusCode::BAD_GATEWAY,
         };
         let body = if target.shown.is_empty() {
@@ -236,6 +257,9 @@ impl Shared {
         // After a refused CONNECT the client may already have sent tunnel bytes, which must
         // not be read as the next request; a bad request leaves the stream in doubt too.
         let close = kind == Kind::Connect || matches!(reason, DenyReason::BadRequest(_));
+        let counters = self.counters(&target.shown);
+        counters.request();
+        counters.refusal();
         self.observer.denied(&Denied {
             kind,
             host: target.shown.clone(),
@@ -255,6 +279,8 @@ struct PendingTunnel {
     port: u16,
     /// The parsed host and the address dialled, re-checked when the policy changes.
     dest: (Host, IpAddr),
+    /// Where its bytes and a later refusal are counted.
+    counters: Arc<HostCounters>,
 }
 
 type TunnelSlot = Arc<Mutex<Option<PendingTunnel>>>;
@@ -289,6 +315,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
             shared.observer.request(&target.info(Kind::Http));
             let reason = DenyReason::BadRequest(format!("not a valid HTTP/1.1 request ({e})"));
             tracing::info!(%reason, "egress refused");
+            let counters = shared.counters(&target.shown);
+            counters.request();
+            counters.refusal();
             shared.observer.denied(&Denied {
                 kind: Kind::Http,
                 host: target.shown,
@@ -333,12 +362,15 @@ async fn connect(
                 return shared.refuse(Kind::Connect, &target, reason);
             };
             let upgrade = hyper::upgrade::on(&mut req);
+            let counters = shared.counters(&target.shown);
+            counters.request();
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(PendingTunnel {
                 upgrade,
                 upstream,
                 host: target.shown.clone(),
                 port: target.port,
                 dest: (host, peer.ip()),
+                counters,
             });
             Response::new(empty_body())
         }
@@ -353,6 +385,7 @@ const MAX_TUNNEL_HEAD: usize = 16 * 1024;
 async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
     let (host, ip) = tunnel.dest.clone();
     let (shown, port) = (tunnel.host.clone(), tunnel.port);
+    let counters = Arc::clone(&tunnel.counters);
     let mut changes = shared.policy.clone();
     let withdrawn = async {
         loop {
@@ -360,7 +393,7 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
                 return std::future::pending().await;
             }
             let now = changes.borrow_and_update().clone();
-            if let Err(reason) = now.allows(&host, ip) {
+            if let Err(reason) = now.allows(&host, ip, port) {
                 return reason;
             }
         }
@@ -369,6 +402,7 @@ async fn run_tunnel(tunnel: PendingTunnel, shared: &Shared) {
         () = tunnel_traffic(tunnel, shared) => {}
         reason = withdrawn => {
             tracing::info!(host = %shared.observer.shown_host(&shown), port, "egress proxy: tunnel closed, the changed mandate no longer allows it");
+            counters.refusal();
             shared.observer.denied(&Denied {
                 kind: Kind::Connect,
                 host: shared.observer.shown_host(&shown),
@@ -389,7 +423,8 @@ async fn tunnel_traffic(tunnel: PendingTunnel, shared: &Shared) {
         }
     };
     let mut client = TokioIo::new(upgraded);
-    let mut upstream = tunnel.upstream;
+    let counters = tunnel.counters;
+    let mut upstream = Counted::new(tunnel.upstream, Arc::clone(&counters));
     let target = (tunnel.host.as_str(), tunnel.port);
     // Chromium tunnels plain ws:// through CONNECT too, and Fetch never sees WebSocket
     // handshakes: when a tunnel starts with a plaintext `GET` (a handshake, not a TLS hello),
@@ -416,7 +451,7 @@ async fn tunnel_traffic(tunnel: PendingTunnel, shared: &Shared) {
         Ok(true) => {}
         Ok(false) | Err(_) => return,
     }
-    if head.starts_with(b"GET ") && holds_value(shared, target, &head) {
+    if head.starts_with(b"GET ") && holds_value(shared, target, &head, &counters) {
         return;
     }
     let websocket = head.starts_with(b"GET ") && is_websocket_upgrade(&head);
@@ -440,7 +475,7 @@ async fn tunnel_traffic(tunnel: PendingTunnel, shared: &Shared) {
     // A plaintext WebSocket: frames from the browser are masked, not encrypted, so each one is
     // unmasked and looked at before it is passed on.
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut up_rd, mut up_wr) = upstream.into_split();
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
     let down = tokio::io::copy(&mut up_rd, &mut client_wr);
     let up = async {
         let mut frames = FrameScanner::default();
@@ -451,7 +486,7 @@ async fn tunnel_traffic(tunnel: PendingTunnel, shared: &Shared) {
                 Ok(n) => n,
             };
             let payload = frames.feed(&buf[..n]);
-            if !payload.is_empty() && holds_value(shared, target, &payload) {
+            if !payload.is_empty() && holds_value(shared, target, &payload, &counters) {
                 return;
             }
             if up_wr.write_all(&buf[..n]).await.is_err() {
@@ -467,10 +502,16 @@ async fn tunnel_traffic(tunnel: PendingTunnel, shared: &Shared) {
 
 /// Whether tunnel bytes carry a held value; if so, the refusal is reported (the caller closes
 /// the tunnel).
-fn holds_value(shared: &Shared, (host, port): (&str, u16), material: &[u8]) -> bool {
+fn holds_value(
+    shared: &Shared,
+    (host, port): (&str, u16),
+    material: &[u8],
+    counters: &HostCounters,
+) -> bool {
     if !shared.observer.holds_value_in(host, material) {
         return false;
     }
+    counters.refusal();
     shared.observer.denied(&Denied {
         kind: Kind::Connect,
         host: shared.observer.shown_host(host),
@@ -616,6 +657,10 @@ async fn forward(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody>
     parts.version = Version::HTTP_11;
     let request = Request::from_parts(parts, body);
 
+    let counters = shared.counters(&target.shown);
+    counters.request();
+    // Request and response heads count too: they are bytes the destination got and sent.
+    let upstream = Counted::new(upstream, counters);
     let (mut sender, conn) =
         match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
             Ok(pair) => pair,
@@ -659,13 +704,14 @@ fn upstream_failed(target: &Target, e: &hyper::Error) -> Response<ProxyBody> {
     )
 }
 
-/// Checks the host, resolves it and dials one of the addresses that passed.
+/// Checks host and port, resolves the host and dials one of the addresses that passed.
 async fn open_upstream(policy: &EgressPolicy, target: &Target) -> Result<TcpStream, DenyReason> {
     let host = target
         .host
         .as_ref()
         .map_err(|why| DenyReason::BadRequest(why.clone()))?;
-    policy.check(host)?;
+    // Before any DNS query: a refused destination must not even be looked up.
+    policy.check_target(host, target.port)?;
     let addrs = policy.resolve_host(host, target.port).await?;
     connect_any(&addrs).await
 }

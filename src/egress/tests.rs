@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::egress::{
-    serve, Denied, DenyReason, EgressObserver, EgressPolicy, HostPattern, Kind, RequestInfo,
+    serve, Denied, DenyReason, EgressObserver, EgressPolicy, HostPattern, HostTraffic, Kind,
+    PortRange, RequestInfo, Traffic,
 };
 
 /// Hang guard only: every step that waits on the network is bounded by it.
@@ -43,6 +44,7 @@ async fn guard<F: std::future::Future>(what: &str, f: F) -> F::Output {
 struct Recorder {
     requests: Mutex<Vec<RequestInfo>>,
     denied: Mutex<Vec<Denied>>,
+    traffic: Traffic,
 }
 
 /// What the recorder treats as a held value (the broker's detector in production).
@@ -60,9 +62,26 @@ impl EgressObserver for Recorder {
     fn denied(&self, d: &Denied) {
         self.denied.lock().unwrap().push(d.clone());
     }
+    fn shown_host(&self, host: &str) -> String {
+        if self.holds_value_in(host, host.as_bytes()) {
+            "[held value].site.test".to_owned()
+        } else {
+            host.to_owned()
+        }
+    }
+    fn traffic(&self) -> Option<&Traffic> {
+        Some(&self.traffic)
+    }
 }
 
 impl Recorder {
+    fn traffic_of(&self, host: &str) -> HostTraffic {
+        self.traffic
+            .snapshot()
+            .get(host)
+            .copied()
+            .unwrap_or_default()
+    }
     fn requests(&self) -> Vec<RequestInfo> {
         self.requests.lock().unwrap().clone()
     }
@@ -323,6 +342,9 @@ fn policy(allow: &[&str], private: &[&str]) -> EgressPolicy {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
             .collect(),
+        // The test servers listen on ephemeral ports.
+        ports: vec![PortRange::parse("1024-65535").unwrap()],
+        ..EgressPolicy::default()
     }
 }
 
@@ -709,15 +731,15 @@ async fn ip_literals_are_checked_as_written_not_as_the_name_they_equal() {
             "{target}"
         );
     }
-    // A numeric host a resolver would read as 127.0.0.1 is refused as malformed.
+    // A numeric host a resolver would read as 127.0.0.1 is judged as 127.0.0.1.
     let mut c = proxy.client().await;
     c.send(&get(&format!("2130706433:{p}"), "/")).await;
     let r = c.response().await;
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(matches!(
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
         proxy.recorder.denied().last().unwrap().reason,
-        DenyReason::BadRequest(_)
-    ));
+        DenyReason::NotAllowed
+    );
 
     let mut t = proxy.client().await;
     t.send(&connect_req(&format!("127.0.0.1:{}", echo.port())))
@@ -734,7 +756,7 @@ async fn ip_literals_are_checked_as_written_not_as_the_name_they_equal() {
         .collect();
     assert_eq!(
         shown,
-        ["127.0.0.1", "127.0.0.1", "[::1]", "2130706433", "127.0.0.1"]
+        ["127.0.0.1", "127.0.0.1", "[::1]", "127.0.0.1", "127.0.0.1"]
     );
 }
 
@@ -1149,4 +1171,380 @@ async fn plaintext_websocket_frames_are_unmasked_and_held_values_stopped() {
         .filter(|d| d.reason == DenyReason::HeldValue)
         .collect();
     assert_eq!(denied.len(), 1, "{denied:?}");
+}
+
+fn reasons(recorder: &Recorder) -> Vec<(String, &'static str)> {
+    recorder
+        .denied()
+        .into_iter()
+        .map(|d| (d.host, d.reason.code()))
+        .collect()
+}
+
+#[tokio::test]
+async fn deny_wins_over_allow_and_is_decided_before_any_lookup() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let mut p = policy(&["*.test", "*.invalid"], &["127.0.0.0/8"]);
+    // The deny entry is written in Unicode; the request arrives in punycode.
+    p.deny = ["evil.test", "bücher.test", "nowhere.invalid"]
+        .iter()
+        .map(|d| HostPattern::parse(d).unwrap())
+        .collect();
+    p.hosts
+        .insert("xn--bcher-kva.test".into(), "127.0.0.1".parse().unwrap());
+    let proxy = Proxy::start(p).await;
+    let (up, ec) = (upstream.port(), echo.port());
+
+    for raw in [
+        get(&format!("evil.test:{up}"), "/"),
+        get(&format!("EVIL.Test.:{up}"), "/"),
+        get(&format!("xn--bcher-kva.test:{up}"), "/"),
+        connect_req(&format!("evil.test:{ec}")),
+        connect_req(&format!("XN--BCHER-KVA.test.:{ec}")),
+        // Not resolvable at all: `denied`, not `resolve_failed`, so no lookup happened.
+        get(&format!("nowhere.invalid:{up}"), "/"),
+    ] {
+        let mut c = proxy.client().await;
+        c.send(&raw).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 403, "{raw:?}: {}", r.text());
+        assert!(r.text().contains("egress.deny"), "{}", r.text());
+    }
+    // The allowed neighbour still works.
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("site.test:{up}"), "/")).await;
+    assert_eq!(c.response().await.status, 200);
+
+    assert_eq!(
+        upstream.settle().await,
+        1,
+        "a denied request reached upstream"
+    );
+    assert_eq!(
+        echo.settle().await,
+        0,
+        "a denied CONNECT reached its target"
+    );
+    let d = |h: &str| (h.to_owned(), "denied");
+    assert_eq!(
+        reasons(&proxy.recorder),
+        vec![
+            d("evil.test"),
+            d("evil.test"),
+            d("xn--bcher-kva.test"),
+            d("evil.test"),
+            d("xn--bcher-kva.test"),
+            d("nowhere.invalid"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn ports_beyond_80_443_and_the_list_are_refused_before_any_lookup() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let mut p = policy(&["*.test", "*.invalid"], &["127.0.0.0/8"]);
+    p.ports = vec![PortRange::single(upstream.port())];
+    let proxy = Proxy::start(p).await;
+    let (up, ec) = (upstream.port(), echo.port());
+
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("site.test:{up}"), "/")).await;
+    assert_eq!(c.response().await.status, 200, "the listed port is open");
+
+    for (raw, port) in [
+        (connect_req(&format!("site.test:{ec}")), ec),
+        (get(&format!("site.test:{ec}"), "/"), ec),
+        (connect_req("site.test:22"), 22),
+        (get("site.test:25", "/"), 25),
+        // Not resolvable: `port_not_allowed`, not `resolve_failed`.
+        (connect_req("nowhere.invalid:8443"), 8443),
+    ] {
+        let mut c = proxy.client().await;
+        c.send(&raw).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 403, "{raw:?}: {}", r.text());
+        assert!(
+            r.text()
+                .ends_with(&format!("port {port} is not allowed; only 80, 443 and the ports in the mandate's egress.ports are")),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(upstream.settle().await, 1);
+    assert_eq!(echo.settle().await, 0, "an unlisted port was connected to");
+    let codes: Vec<&str> = reasons(&proxy.recorder)
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(codes, ["port_not_allowed"; 5]);
+}
+
+/// Every spelling of a loopback address, and names that resolve to one, with `allow = ["*"]`
+/// and no private network: each is judged as the address it means and refused; nothing
+/// reaches the servers. Malformed international names are refused as bad requests.
+#[tokio::test]
+async fn bypass_corpus_is_judged_as_the_address_it_means() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let mut p = policy(&["*"], &[]);
+    p.hosts
+        .insert("internal.test".into(), "127.0.0.1".parse().unwrap());
+    let proxy = Proxy::start(p).await;
+    let (up, ec) = (upstream.port(), echo.port());
+
+    let loopback_spellings = [
+        "127.0.0.1",
+        "2130706433",
+        "0x7f000001",
+        "0x7f.0.0.1",
+        "0177.0.0.1",
+        "0177.0.0.01",
+        "127.1",
+        "127.0.1",
+        "127.0.0.1.",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[0:0:0:0:0:ffff:7f00:1]",
+    ];
+    for h in loopback_spellings {
+        for raw in [
+            get(&format!("{h}:{up}"), "/"),
+            connect_req(&format!("{h}:{ec}")),
+        ] {
+            let mut c = proxy.client().await;
+            c.send(&raw).await;
+            let r = c.response().await;
+            assert_eq!(r.status, 403, "{raw:?}: {}", r.text());
+            let last = proxy.recorder.denied().pop().unwrap();
+            assert_eq!(
+                (last.host.as_str(), &last.reason),
+                (
+                    "127.0.0.1",
+                    &DenyReason::PrivateAddress("127.0.0.1".parse().unwrap())
+                ),
+                "{raw:?}"
+            );
+        }
+    }
+    // Names: the hosts table's answer and the system resolver's are both filtered after
+    // resolution, on the address the proxy would dial.
+    for h in [
+        "internal.test",
+        "INTERNAL.Test.",
+        "localhost",
+        "localhost.",
+        "LocalHost",
+    ] {
+        for raw in [
+            get(&format!("{h}:{up}"), "/"),
+            connect_req(&format!("{h}:{ec}")),
+        ] {
+            let mut c = proxy.client().await;
+            c.send(&raw).await;
+            let r = c.response().await;
+            assert_eq!(r.status, 403, "{raw:?}: {}", r.text());
+            let last = proxy.recorder.denied().pop().unwrap();
+            assert!(
+                matches!(last.reason, DenyReason::PrivateAddress(ip) if ip.is_loopback()),
+                "{raw:?}: {last:?}"
+            );
+            assert_eq!(last.host, h.trim_end_matches('.').to_ascii_lowercase());
+        }
+    }
+    // Percent-encoding: hyper refuses it in a request target before the host parser (which
+    // would decode it to 127.0.0.1) ever sees it; refused either way.
+    for raw in [
+        get(&format!("127%2e0.0.1:{up}"), "/"),
+        connect_req(&format!("127%2e0.0.1:{ec}")),
+    ] {
+        let mut c = proxy.client().await;
+        c.send(&raw).await;
+        let r = c.response().await;
+        assert!(matches!(r.status, 400 | 403), "{raw:?}: {}", r.text());
+    }
+    // IPv6 loopback and the unspecified addresses.
+    for h in ["[::1]", "[::]", "0", "0x0", "[::ffff:0.0.0.0]"] {
+        let mut c = proxy.client().await;
+        c.send(&connect_req(&format!("{h}:{ec}"))).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 403, "{h}: {}", r.text());
+        assert_eq!(
+            proxy.recorder.denied().pop().unwrap().reason.code(),
+            "private_address",
+            "{h}"
+        );
+    }
+    // Invalid punycode, look-alike names, names ending in a number that is not an address.
+    for h in [
+        "xn--.test",
+        "xn--abc.test",
+        "xn--pypal-4ve.test",
+        "1.2.3.4.5",
+        "example.0x10",
+    ] {
+        let mut c = proxy.client().await;
+        c.send(&connect_req(&format!("{h}:{ec}"))).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 400, "{h}: {}", r.text());
+        assert_eq!(
+            proxy.recorder.denied().pop().unwrap().reason.code(),
+            "bad_request",
+            "{h}"
+        );
+    }
+    assert_eq!(upstream.settle().await, 0, "upstream was contacted");
+    assert_eq!(echo.settle().await, 0, "CONNECT target was contacted");
+}
+
+#[tokio::test]
+async fn a_policy_change_closes_tunnels_to_a_port_no_longer_listed() {
+    let echo = Echo::start().await;
+    let proxy = Proxy::start(open_policy()).await;
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("site.test:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 200);
+    let mut narrowed = open_policy();
+    narrowed.ports = vec![PortRange::single(8443)];
+    proxy.policy.send_replace(Arc::new(narrowed));
+    assert!(
+        t.closed().await,
+        "the tunnel to an unlisted port stayed open"
+    );
+    echo.wait_closed(1).await;
+    assert_eq!(
+        proxy.recorder.denied(),
+        vec![denied(
+            Kind::Connect,
+            "site.test",
+            echo.port(),
+            DenyReason::PortNotAllowed(echo.port())
+        )]
+    );
+}
+
+#[tokio::test]
+async fn traffic_is_counted_per_host_both_ways_as_it_flows() {
+    let upstream = Upstream::start().await;
+    let echo = Echo::start().await;
+    let mut p = open_policy();
+    p.allow = ["site.test", "tunnel.test", "ws.test", "*.site.test"]
+        .iter()
+        .map(|a| HostPattern::parse(a).unwrap())
+        .collect();
+    for h in ["tunnel.test", "ws.test", "held-value-4b1d.site.test"] {
+        p.hosts.insert(h.into(), "127.0.0.1".parse().unwrap());
+    }
+    let proxy = Proxy::start(p).await;
+
+    // Plain http: heads and body, counted on the upstream stream.
+    let mut c = proxy.client().await;
+    c.send(&get(&format!("Site.Test.:{}", upstream.port()), "/big"))
+        .await;
+    assert_eq!(c.response().await.body.len(), BIG_LEN);
+    let site = proxy.recorder.traffic_of("site.test");
+    assert_eq!((site.requests, site.refused), (1, 0));
+    assert!(site.bytes_received > BIG_LEN as u64, "{site:?}");
+    assert!(site.bytes_sent > 0, "{site:?}");
+
+    // A tunnel: counted while it is open, exactly what went through.
+    let mut t = proxy.client().await;
+    t.send(&connect_req(&format!("tunnel.test:{}", echo.port())))
+        .await;
+    assert_eq!(t.response().await.status, 200);
+    t.send("hello").await;
+    assert_eq!(t.read_exactly(5).await, b"hello");
+    t.send("0123456789").await;
+    assert_eq!(t.read_exactly(10).await, b"0123456789");
+    assert_eq!(
+        proxy.recorder.traffic_of("tunnel.test"),
+        HostTraffic {
+            requests: 1,
+            refused: 0,
+            bytes_sent: 15,
+            bytes_received: 15
+        }
+    );
+
+    // A plaintext WebSocket (the frame-checking path).
+    let mut w = proxy.client().await;
+    w.send(&connect_req(&format!("ws.test:{}", echo.port())))
+        .await;
+    assert_eq!(w.response().await.status, 200);
+    let head = "GET /ws HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n\r\n";
+    w.send(head).await;
+    w.read_exactly(head.len()).await;
+    let frame = masked_frame(b"payload", [1, 2, 3, 4]);
+    w.send_bytes(&frame).await;
+    assert_eq!(w.read_exactly(frame.len()).await, frame);
+    let n = (head.len() + frame.len()) as u64;
+    assert_eq!(
+        proxy.recorder.traffic_of("ws.test"),
+        HostTraffic {
+            requests: 1,
+            refused: 0,
+            bytes_sent: n,
+            bytes_received: n
+        }
+    );
+
+    // Refusals: counted as requests and refusals, no bytes.
+    for _ in 0..2 {
+        let mut c = proxy.client().await;
+        c.send(&get(&format!("evil.test:{}", upstream.port()), "/"))
+            .await;
+        assert_eq!(c.response().await.status, 403);
+    }
+    assert_eq!(
+        proxy.recorder.traffic_of("evil.test"),
+        HostTraffic {
+            requests: 2,
+            refused: 2,
+            ..HostTraffic::default()
+        }
+    );
+    // A host name carrying a held value is counted under its redacted form only.
+    let mut c = proxy.client().await;
+    c.send(&connect_req(&format!(
+        "held-value-4b1d.site.test:{}",
+        echo.port()
+    )))
+    .await;
+    assert_eq!(c.response().await.status, 403);
+    let hosts: Vec<String> = proxy.recorder.traffic.snapshot().into_keys().collect();
+    assert_eq!(
+        hosts,
+        [
+            "[held value].site.test",
+            "evil.test",
+            "site.test",
+            "tunnel.test",
+            "ws.test"
+        ]
+    );
+    assert!(!proxy.recorder.traffic.is_finished());
+
+    // A malformed request has no host: counted under (none).
+    let mut c = proxy.client().await;
+    c.send("not http at all\r\n\r\n").await;
+    assert_eq!(c.response().await.status, 400);
+    guard("the malformed request being counted", async {
+        while proxy.recorder.traffic_of(crate::egress::NO_HOST).refused == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_counts_are_final_once_the_proxy_stops() {
+    let mut proxy = Proxy::start(open_policy()).await;
+    let recorder = Arc::clone(&proxy.recorder);
+    proxy.shutdown.cancel();
+    guard("serve returning", proxy.task.take().unwrap())
+        .await
+        .unwrap();
+    assert!(recorder.traffic.is_finished());
 }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use super::{BrowserInfo, EndReason, Registry, Session, State};
 use crate::broker::{Broker, BrokerEvents};
 use crate::browser::{chromium, BrowserConn};
-use crate::egress::{self, Denied, EgressObserver, RequestInfo};
+use crate::egress::{self, Denied, EgressObserver, RequestInfo, Traffic};
 use crate::mandate::Deadline;
 use crate::metrics::ReasonLabel;
 
@@ -316,6 +316,17 @@ impl EgressObserver for SessionEgress {
 
     fn request(&self, _r: &RequestInfo) {
         self.reg.metrics.egress_requests.inc();
+    }
+
+    fn traffic(&self) -> Option<&Traffic> {
+        let traffic = self.session.egress_traffic();
+        if traffic.first_publication() {
+            self.reg
+                .metrics
+                .egress_traffic
+                .track(&self.session.id, traffic);
+        }
+        Some(traffic)
     }
 
     fn denied(&self, d: &Denied) {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::browser::{AgentLink, BrowserConn, CdpError};
-use crate::egress::EgressPolicy;
+use crate::egress::{EgressPolicy, Traffic};
 use crate::gate::GateObserver;
 use crate::mandate::ValidMandate;
 
@@ -163,6 +163,8 @@ pub struct Session {
     mandate: watch::Sender<Arc<ValidMandate>>,
     /// The egress part of the mandate in force, as the proxy reads it for every request.
     egress: watch::Sender<Arc<EgressPolicy>>,
+    /// What the proxy let through and refused, by destination host.
+    egress_traffic: Arc<Traffic>,
     /// When it was created.
     pub created_at: OffsetDateTime,
     /// The monotonic clock at creation: agent activity is counted from here.
@@ -312,6 +314,11 @@ impl Session {
         self.egress.subscribe()
     }
 
+    /// The session's egress counters, by destination host.
+    pub fn egress_traffic(&self) -> &Arc<Traffic> {
+        &self.egress_traffic
+    }
+
     /// Puts a changed mandate in force: the proxy, the lifecycle's clocks and the anomaly
     /// threshold read it from their next request or tick on.
     pub(crate) fn replace_mandate(&self, m: ValidMandate) {
@@ -414,8 +421,12 @@ impl Session {
             "degraded": degraded,
             "egress": {
                 "allow": m.source.egress.allow,
+                "deny": m.source.egress.deny,
                 "private_networks": m.source.egress.private_networks,
                 "hosts": m.source.egress.hosts,
+                "ports": m.source.egress.ports,
+                // By destination host as the audit log names it (held values redacted).
+                "traffic": self.egress_traffic.snapshot(),
             },
             // Names and sites only: values never leave the vault.
             "credentials": m.source.credentials.iter().map(|c| serde_json::json!({
@@ -483,6 +494,7 @@ pub(crate) fn new_session(
         id: random_hex(8),
         capability: random_hex(32),
         egress: watch::Sender::new(Arc::new(mandate.egress.clone())),
+        egress_traffic: Arc::default(),
         mandate: watch::Sender::new(Arc::new(mandate)),
         created_at: now,
         started: Instant::now(),

@@ -388,6 +388,22 @@ fn diff(old: &ValidMandate, new: &ValidMandate, removed: &[String]) -> Vec<Chang
             json!(n.egress.allow),
         );
     }
+    if o.egress.deny != n.egress.deny {
+        push(
+            "egress.deny",
+            !new.egress.keeps_denials_of(&old.egress),
+            json!(o.egress.deny),
+            json!(n.egress.deny),
+        );
+    }
+    if old.egress.ports != new.egress.ports {
+        push(
+            "egress.ports",
+            !new.egress.ports_within(&old.egress),
+            json!(o.egress.ports),
+            json!(n.egress.ports),
+        );
+    }
     if o.egress.private_networks != n.egress.private_networks {
         let widened = !new.egress.private_networks.iter().all(|net| {
             old.egress
@@ -452,6 +468,8 @@ mod tests {
                 "idle_timeout_secs":600,
                 "anomaly":{"max_blocked":5,"within_secs":60},
                 "egress":{"allow":["*.example.com","bank.test"],
+                          "deny":["*.x.example.com"],
+                          "ports":[8443],
                           "private_networks":["127.0.0.0/8"],
                           "hosts":{"bank.test":"127.0.0.1"}},
                 "credentials":[
@@ -477,7 +495,7 @@ mod tests {
     #[test]
     fn narrowing_needs_no_approval() {
         let p = patch(
-            r#"{"ttl_secs":60,"egress":{"allow":["a.example.com"],"private_networks":["127.0.0.1/32"],"hosts":{"bank.test":"127.0.0.1"}},
+            r#"{"ttl_secs":60,"egress":{"allow":["a.example.com"],"deny":["*.example.com"],"private_networks":["127.0.0.1/32"],"hosts":{"bank.test":"127.0.0.1"}},
                 "credentials":["mail"],"idle_timeout_secs":30,"revoke_on_disconnect":true,
                 "anomaly":{"max_blocked":2,"within_secs":120},"unlisted_credentials":"block",
                 "window":{"days":["mon"],"start":"09:00","end":"17:00","tz":"UTC"}}"#,
@@ -496,6 +514,8 @@ mod tests {
                 "revoke_on_disconnect",
                 "anomaly",
                 "egress.allow",
+                "egress.deny",
+                "egress.ports",
                 "egress.private_networks",
                 "credentials",
                 "unlisted_credentials"
@@ -508,14 +528,16 @@ mod tests {
     fn widening_needs_approved_by() {
         for body in [
             r#"{"ttl_secs":7200}"#,
-            r#"{"egress":{"allow":["*.example.com","bank.test","evil.test"],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
-            r#"{"egress":{"allow":["*.example.com","bank.test"],"private_networks":["0.0.0.0/0"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
-            r#"{"egress":{"allow":["*.example.com","bank.test"],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.2"}}}"#,
+            r#"{"egress":{"allow":["*.example.com","bank.test","evil.test"],"deny":["*.x.example.com"],"ports":[8443],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
+            r#"{"egress":{"allow":["*.example.com","bank.test"],"deny":["*.x.example.com"],"ports":[8443],"private_networks":["0.0.0.0/0"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
+            r#"{"egress":{"allow":["*.example.com","bank.test"],"deny":["*.x.example.com"],"ports":[8443],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.2"}}}"#,
             r#"{"idle_timeout_secs":null}"#,
             r#"{"idle_timeout_secs":601}"#,
             r#"{"anomaly":null}"#,
             r#"{"anomaly":{"max_blocked":6,"within_secs":60}}"#,
             r#"{"on_leak":"block"}"#,
+            r#"{"egress":{"allow":["*.example.com","bank.test"],"deny":[],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
+            r#"{"egress":{"allow":["*.example.com","bank.test"],"deny":["*.x.example.com"],"ports":[8443, 9000],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
         ] {
             let e = patch(body).expect_err(body);
             assert!(matches!(e, PatchError::NeedsApproval(_)), "{body}: {e}");

@@ -156,6 +156,8 @@ impl Registry {
                     "agent": m.source.agent,
                     "expires_at": rfc3339(m.expires_at),
                     "egress_allow": m.source.egress.allow,
+                    "egress_deny": m.source.egress.deny,
+                    "egress_ports": m.source.egress.ports,
                     "private_networks": m.source.egress.private_networks,
                     "hosts": m.source.egress.hosts,
                 }),

@@ -1083,6 +1083,7 @@ pub fn credential_mandate() -> Value {
                 "canary.attacker.test": "127.0.0.1",
                 "attacker.localhost": "127.0.0.1",
             },
+            "ports": [super::TEST_PORTS],
         },
         "unlisted_credentials": "strip",
         "on_leak": "block",

@@ -210,7 +210,11 @@ pub fn read_audit(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A mandate for tests: the given names map to 127.0.0.1 and loopback is opened.
+/// The `egress.ports` of test mandates: the local test servers listen on ephemeral ports.
+pub const TEST_PORTS: &str = "1024-65535";
+
+/// A mandate for tests: the given names map to 127.0.0.1, loopback is opened, and so are the
+/// ephemeral ports the test servers listen on.
 pub fn mandate(ttl: u64, sites: &[&str]) -> Value {
     let hosts: serde_json::Map<String, Value> = sites
         .iter()
@@ -223,6 +227,7 @@ pub fn mandate(ttl: u64, sites: &[&str]) -> Value {
             "allow": sites,
             "private_networks": ["127.0.0.0/8"],
             "hosts": hosts,
+            "ports": [TEST_PORTS],
         }
     })
 }
