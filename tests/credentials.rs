@@ -1007,3 +1007,99 @@ fn transparency_playwright_route_headers_cookies_and_storage_state_match_bare_ch
         "chaperone without credentials differs from bare Chromium"
     );
 }
+
+/// AG-120 4.8 and test 8.7: two sites, each with its own credential. Neither credential goes to
+/// the other site, whichever page asks; each goes to its own site from a first-party context.
+#[test]
+fn ag120_4_8_one_sites_credential_never_reaches_another_credential_site() {
+    const PARTNER_KEY: &str = "SECRET-PARTNER-8e31f0";
+    if common::bank::bare() {
+        // Bare Chromium has no per-site credentials to compare against.
+        return;
+    }
+    let w = World::start(|m| {
+        m["credentials"].as_array_mut().unwrap().push(json!({
+            "id": "partner",
+            "site": "attacker.test",
+            "headers": {"X-Partner-Key": PARTNER_KEY},
+        }));
+    });
+    rt().block_on(async {
+        let mut c = w.connect().await;
+        // The partner's page asks the bank; the bank's page asks the partner.
+        let partner = w.open(&mut c, &w.attacker("/partner-home")).await;
+        let from_partner = c
+            .eval(
+                &partner,
+                &format!(
+                    "fetch('{}', {{mode: 'no-cors', cache: 'no-store'}}).then(() => 'sent', e => '' + e)",
+                    w.bank("/echo?from=partner")
+                ),
+            )
+            .await;
+        assert_eq!(from_partner, "sent");
+        let bank = w.open(&mut c, &w.bank("/account")).await;
+        let from_bank = c
+            .eval(
+                &bank,
+                &format!(
+                    "fetch('{}', {{mode: 'no-cors', cache: 'no-store'}}).then(() => 'sent', e => '' + e)",
+                    w.attacker("/from-bank")
+                ),
+            )
+            .await;
+        assert_eq!(from_bank, "sent");
+        w.assert_bank_works(&mut c, &bank).await;
+        w.assert_nothing_leaked(&c.seen);
+    });
+    let to_bank = w.sites.bank.requests_to("/echo");
+    let cross = to_bank
+        .iter()
+        .find(|r| r.query("from").as_deref() == Some("partner"))
+        .expect("the partner page's request reached the bank");
+    assert!(
+        !cross.authenticated(),
+        "the bank's credential went with a request from another site"
+    );
+    let bank_saw = String::from_utf8_lossy(&w.sites.bank.everything()).to_string();
+    assert!(
+        !bank_saw.contains(PARTNER_KEY),
+        "the partner's key reached the bank"
+    );
+    let partner_saw = w.sites.attacker.requests();
+    let home = partner_saw
+        .iter()
+        .find(|r| r.path() == "/partner-home")
+        .expect("the partner's own page was requested");
+    assert_eq!(
+        home.header("x-partner-key"),
+        Some(PARTNER_KEY),
+        "the partner's credential did not reach its own site"
+    );
+    let from_bank = partner_saw
+        .iter()
+        .find(|r| r.path() == "/from-bank")
+        .expect("the bank page's request reached the partner");
+    assert_eq!(
+        from_bank.header("x-partner-key"),
+        None,
+        "the partner's credential went with a request from the bank's page"
+    );
+    let everything = String::from_utf8_lossy(&w.sites.attacker.everything()).to_string();
+    for secret in common::bank::secrets() {
+        assert!(
+            !everything.contains(secret),
+            "a bank secret reached the partner"
+        );
+    }
+    let sup = w.sup().unwrap();
+    let withheld: Vec<String> = sup
+        .events("credential.withheld")
+        .iter()
+        .map(|r| r["credential"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        withheld.contains(&"bank".to_string()) && withheld.contains(&"partner".to_string()),
+        "both withholdings are audited: {withheld:?}"
+    );
+}
