@@ -14,8 +14,12 @@
 //!    the injected credential on the page and on all 100 subresources. A chaperone session
 //!    without credentials (no interception, the same sandbox and egress proxy) runs alongside,
 //!    so the difference splits into what the sandbox's network path costs and what the
-//!    interception costs. One browser per side for all runs (steady state), medians of
-//!    `BENCH_RUNS` runs after one discarded warm-up, the sides' order rotating run by run.
+//!    interception costs. Three more bare Chromiums, each with a part of the issue's
+//!    interception driven by this program (browser-level `Fetch` for documents only, `Fetch`
+//!    for every request, `Network` on every target) and every pause continued at once, show
+//!    what that interception costs Chromium itself, with no chaperone: the floor for the
+//!    broker. One browser per side for all runs (steady state), medians of `BENCH_RUNS` runs
+//!    after one discarded warm-up, the sides' order rotating run by run.
 //! 2. **Per-request decision**: [`chaperone::broker::decide::decide`] on a browser-like request
 //!    (credential site, non-credential site, request carrying a held value), medians of the
 //!    per-call time over batches.
@@ -603,7 +607,7 @@ fn respond(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Page loads: three sides, one browser each.
+// Page loads: six sides, one browser each.
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -612,9 +616,23 @@ enum Side {
     Plain,
     /// A chaperone session with a credential for the site: every request intercepted.
     Broker,
+    /// Bare Chromium with browser-level Fetch for documents only: the interceptor is
+    /// installed, the navigation is paused, none of the images.
+    FetchDocs,
+    /// Bare Chromium with browser-level Fetch for every request, each continued at once.
+    FetchAll,
+    /// Bare Chromium with `Network` enabled on every target (auto-attach), no Fetch.
+    NetworkAll,
 }
 
-const SIDES: [Side; 3] = [Side::Bare, Side::Plain, Side::Broker];
+const SIDES: [Side; 6] = [
+    Side::Bare,
+    Side::Plain,
+    Side::Broker,
+    Side::FetchDocs,
+    Side::FetchAll,
+    Side::NetworkAll,
+];
 
 impl Side {
     fn name(self) -> &'static str {
@@ -622,8 +640,111 @@ impl Side {
             Side::Bare => "bare",
             Side::Plain => "chaperone, no credentials",
             Side::Broker => "chaperone, credential",
+            Side::FetchDocs => "bare + Fetch, nothing paused",
+            Side::FetchAll => "bare + Fetch, every request paused",
+            Side::NetworkAll => "bare + Network on every target",
         }
     }
+
+    /// A bare Chromium of its own, as `nobody`, reached over a pipe.
+    fn is_bare(self) -> bool {
+        !matches!(self, Side::Plain | Side::Broker)
+    }
+
+    /// The page's requests that must show up, in the bare browser's own CDP events, as
+    /// `Fetch.requestPaused` and as `Network.requestWillBeSent`: proof that the side's
+    /// interceptor did what the side is named after. None for chaperone's sides: the gate
+    /// keeps the broker's sessions from the agent.
+    fn expected_events(self) -> Option<Events> {
+        let all = SUBRESOURCES + 1;
+        let (paused, will_be_sent) = match self {
+            Side::Bare => (0, 0),
+            Side::FetchDocs => (1, 0),
+            Side::FetchAll => (all, 0),
+            Side::NetworkAll => (0, all),
+            Side::Plain | Side::Broker => return None,
+        };
+        Some(Events {
+            paused,
+            will_be_sent,
+        })
+    }
+}
+
+/// Counts of the page's requests (the page and its images) in one load's CDP events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Events {
+    paused: usize,
+    will_be_sent: usize,
+}
+
+/// Sets up a bare browser for `side`: the issue's interception (browser-level Fetch at the
+/// Request stage), or its Network part, with every pause answered unchanged at once by this
+/// process — the least any interceptor answering over CDP can do.
+async fn instrument(side: Side, cdp: &mut Cdp) -> anyhow::Result<()> {
+    let pattern = match side {
+        Side::FetchDocs => {
+            json!({"urlPattern": "*", "resourceType": "Document", "requestStage": "Request"})
+        }
+        Side::FetchAll => json!({"urlPattern": "*", "requestStage": "Request"}),
+        Side::NetworkAll => {
+            cdp.hook = Some(network_on_every_target());
+            cdp.call(
+                "Target.setAutoAttach",
+                json!({"autoAttach": true, "waitForDebuggerOnStart": true, "flatten": true}),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+        Side::Bare | Side::Plain | Side::Broker => return Ok(()),
+    };
+    cdp.hook = Some(Box::new(continue_unchanged));
+    cdp.call("Fetch.enable", json!({"patterns": [pattern]}), None)
+        .await?;
+    Ok(())
+}
+
+/// Answers a `Fetch.requestPaused` with a `Fetch.continueRequest` that changes nothing.
+fn continue_unchanged(m: &Value) -> Vec<Value> {
+    if m["method"] != "Fetch.requestPaused" {
+        return Vec::new();
+    }
+    let mut c = json!({
+        "method": "Fetch.continueRequest",
+        "params": {"requestId": m["params"]["requestId"]},
+    });
+    if let Some(session) = m.get("sessionId") {
+        c["sessionId"] = session.clone();
+    }
+    vec![c]
+}
+
+/// Enables `Network` (no buffering, as chaperone does) on each target the browser's
+/// auto-attach reports, once per target, and lets the target run. The bench's own
+/// `Target.attachToTarget` reports the page a second time; that session gets nothing, so the
+/// page's Network events come once, as under chaperone.
+fn network_on_every_target() -> Hook {
+    let mut seen = BTreeSet::new();
+    Box::new(move |m: &Value| {
+        let p = &m["params"];
+        if m["method"] != "Target.attachedToTarget"
+            || m.get("sessionId").is_some()
+            || p["targetInfo"]["type"] == "browser"
+            || !seen.insert(p["targetInfo"]["targetId"].to_string())
+        {
+            return Vec::new();
+        }
+        let session = &p["sessionId"];
+        vec![
+            json!({
+                "method": "Network.enable",
+                "params": {"maxTotalBufferSize": 0, "maxResourceBufferSize": 0},
+                "sessionId": session,
+            }),
+            json!({"method": "Runtime.runIfWaitingForDebugger", "params": {}, "sessionId": session}),
+        ]
+    })
 }
 
 /// One page load.
@@ -649,7 +770,7 @@ struct Load {
 
 struct Pages {
     /// Indexed like [`SIDES`].
-    loads: [Vec<Load>; 3],
+    loads: [Vec<Load>; SIDES.len()],
     chromium: String,
 }
 
@@ -685,12 +806,38 @@ async fn pages(
     work: &Path,
     nobody: &nix::unistd::User,
 ) -> anyhow::Result<Pages> {
-    let (bare, bare_cdp, _, version) =
-        tokio::time::timeout(STEP_TIMEOUT, Bare::start(work, nobody, Some(SITE)))
+    // One bare Chromium per bare side, in the order of SIDES; a failure drops (kills) those
+    // already started.
+    let mut bares = Vec::new();
+    let mut bare_cdps = Vec::new();
+    let mut version = Value::Null;
+    for side in SIDES.into_iter().filter(|s| s.is_bare()) {
+        let (bare, mut cdp, _, v) =
+            tokio::time::timeout(STEP_TIMEOUT, Bare::start(work, nobody, Some(SITE)))
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "bare Chromium ({}) did not answer within {STEP_TIMEOUT:?}",
+                        side.name()
+                    )
+                })??;
+        bares.push(bare);
+        instrument(side, &mut cdp)
             .await
-            .map_err(|_| anyhow!("bare Chromium did not answer within {STEP_TIMEOUT:?}"))??;
+            .with_context(|| format!("setting up {}", side.name()))?;
+        bare_cdps.push(cdp);
+        version = v;
+    }
     let mut sessions = Vec::new();
-    let result = measure(s, sup, bank, secrets, (&bare, bare_cdp), &mut sessions).await;
+    let result = measure(
+        s,
+        sup,
+        bank,
+        secrets,
+        bares.iter().zip(bare_cdps).collect(),
+        &mut sessions,
+    )
+    .await;
     let mut deleted = Ok(());
     for id in sessions {
         match sup.api("DELETE", &format!("/v1/sessions/{id}"), None).await {
@@ -703,7 +850,7 @@ async fn pages(
             Err(e) => deleted = Err(e),
         }
     }
-    drop(bare);
+    drop(bares);
     let loads = result?;
     deleted?;
     Ok(Pages {
@@ -713,20 +860,34 @@ async fn pages(
 }
 
 /// Opens the two chaperone sessions (their ids go to `sessions` at once, so the caller can
-/// revoke them whatever happens), then loads the page on every side, run by run.
-async fn measure(
+/// revoke them whatever happens), then loads the page on every side, run by run. `bares` are
+/// the bare sides' browsers in the order of [`SIDES`].
+async fn measure<'a>(
     s: &Settings,
     sup: &Supervisor,
     bank: &Bank,
     secrets: &Secrets,
-    (bare, bare_cdp): (&Bare, Cdp),
+    bares: Vec<(&'a Bare, Cdp)>,
     sessions: &mut Vec<String>,
-) -> anyhow::Result<[Vec<Load>; 3]> {
-    let mut cdps = vec![bare_cdp];
-    // Each session's processes: everything below the supervisor's children that appeared
-    // with it (its sandbox launcher).
-    let mut roots = Vec::new();
-    for with_credential in [false, true] {
+) -> anyhow::Result<[Vec<Load>; SIDES.len()]> {
+    let mut bares = bares.into_iter();
+    let mut cdps = Vec::new();
+    let mut watches: Vec<CpuWatch<'a>> = Vec::new();
+    for side in SIDES {
+        if side.is_bare() {
+            let (bare, cdp) = bares
+                .next()
+                .ok_or_else(|| anyhow!("no browser for {}", side.name()))?;
+            cdps.push(cdp);
+            watches.push(CpuWatch {
+                procs: Box::new(|| bare.processes()),
+                supervisor: sup.pid,
+            });
+            continue;
+        }
+        let with_credential = side == Side::Broker;
+        // The session's processes: everything below the supervisor's children that appeared
+        // with it (its sandbox launcher).
         let before = children(sup.pid);
         let (status, body) = sup
             .api(
@@ -742,12 +903,14 @@ async fn measure(
             .as_str()
             .ok_or_else(|| anyhow!("no id in {body}"))?;
         sessions.push(id.to_string());
-        roots.push(
-            children(sup.pid)
-                .into_iter()
-                .filter(|p| !before.contains(p))
-                .collect::<Vec<_>>(),
-        );
+        let roots: Vec<i32> = children(sup.pid)
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        watches.push(CpuWatch {
+            procs: Box::new(move || under(&roots)),
+            supervisor: sup.pid,
+        });
         let url = body["cdp_url"]
             .as_str()
             .ok_or_else(|| anyhow!("no cdp_url in {body}"))?;
@@ -762,23 +925,9 @@ async fn measure(
         cdp.call("Browser.getVersion", json!({}), None).await?;
         cdps.push(cdp);
     }
-    let watches = [
-        CpuWatch {
-            procs: Box::new(|| bare.processes()),
-            supervisor: sup.pid,
-        },
-        CpuWatch {
-            procs: Box::new(|| under(&roots[0])),
-            supervisor: sup.pid,
-        },
-        CpuWatch {
-            procs: Box::new(|| under(&roots[1])),
-            supervisor: sup.pid,
-        },
-    ];
 
     let url = bank.url();
-    let mut loads: [Vec<Load>; 3] = Default::default();
+    let mut loads: [Vec<Load>; SIDES.len()] = Default::default();
     for i in 0..=s.runs {
         let warmup = i == 0;
         let label = if warmup {
@@ -786,25 +935,27 @@ async fn measure(
         } else {
             format!("run {i}/{}", s.runs)
         };
-        let mut this: [Option<Load>; 3] = [None, None, None];
+        let mut this: [Option<Load>; SIDES.len()] = Default::default();
         // Each side takes each place in the order equally often.
         for k in 0..SIDES.len() {
             let j = (i + k) % SIDES.len();
             let side = SIDES[j];
             bank.take();
-            let (took, check, cpu) = load(&mut cdps[j], &url, &watches[j])
+            let measured = load(&mut cdps[j], &url, &watches[j])
                 .await
                 .with_context(|| format!("{}, {label}", side.name()))?;
             let hits = bank.take();
-            let l = verify(side, &url, took, cpu, &check, &hits)
+            let l = verify(side, &url, measured, &hits)
                 .with_context(|| format!("{}, {label}", side.name()))?;
             this[j] = Some(l);
         }
         let this = this.map(|l| l.expect("every side ran"));
+        let each = |f: &dyn Fn(&Load) -> String| this.iter().map(f).collect::<Vec<_>>().join(" / ");
         eprintln!(
-            "bench: {label}: {:.0} / {:.0} / {:.0} ms, {} / {} / {} connections (bare / chaperone without / with credential)",
-            this[0].ms, this[1].ms, this[2].ms,
-            this[0].connections, this[1].connections, this[2].connections,
+            "bench: {label}: {} ms, {} connections ({})",
+            each(&|l| format!("{:.0}", l.ms)),
+            each(&|l| l.connections.to_string()),
+            SIDES.map(Side::name).join(" / "),
         );
         if !warmup {
             for (j, l) in this.into_iter().enumerate() {
@@ -817,14 +968,13 @@ async fn measure(
 
 /// Checks that the load was complete and, on the credential side, that every request of it
 /// reached the server authenticated (otherwise the figure would not measure injection).
-fn verify(
-    side: Side,
-    url: &str,
-    took: Duration,
-    cpu: Cpu,
-    check: &Value,
-    hits: &[Hit],
-) -> anyhow::Result<Load> {
+fn verify(side: Side, url: &str, measured: Measured, hits: &[Hit]) -> anyhow::Result<Load> {
+    let Measured {
+        took,
+        check,
+        cpu,
+        events,
+    } = measured;
     if check["href"] != url {
         bail!("the page ended up at {} instead of {url}", check["href"]);
     }
@@ -863,11 +1013,21 @@ fn verify(
                 );
             }
         }
-        Side::Bare | Side::Plain => {
+        Side::Bare | Side::Plain | Side::FetchDocs | Side::FetchAll | Side::NetworkAll => {
             if ours.iter().any(|h| h.any_auth) {
                 bail!("a request without a credential in play carried Cookie or Authorization");
             }
         }
+    }
+    if let Some(want) = side.expected_events().filter(|w| *w != events) {
+        bail!(
+            "the browser reported {} paused and {} sent of the page's requests (expected {} and \
+             {}): the side's interception is not what its figure claims to measure",
+            events.paused,
+            events.will_be_sent,
+            want.paused,
+            want.will_be_sent
+        );
     }
     Ok(Load {
         ms: ms(took),
@@ -881,8 +1041,16 @@ fn verify(
     })
 }
 
-/// What `load` measured: the time, the page's own account, CPU (browser, supervisor) in ms.
-type Measured = (Duration, Value, Cpu);
+/// What `load` measured.
+struct Measured {
+    /// `Page.navigate` sent → the `load` event received.
+    took: Duration,
+    /// What [`CHECK_JS`] returned.
+    check: Value,
+    cpu: Cpu,
+    /// The page's requests in the client's CDP events from `Page.navigate` to the check.
+    events: Events,
+}
 
 /// Loads `url` on a fresh page and closes the page again.
 async fn load(cdp: &mut Cdp, url: &str, cpu: &CpuWatch<'_>) -> anyhow::Result<Measured> {
@@ -956,7 +1124,33 @@ async fn load_in(
             s,
         )
         .await?;
-    Ok((at - t0, check["result"]["value"].clone(), used))
+    // The page's own requests (a page may ask for more, such as a favicon).
+    let page_url = Url::parse(url)?;
+    let ours = |m: &Value| {
+        m["params"]["request"]["url"]
+            .as_str()
+            .and_then(|u| Url::parse(u).ok())
+            .is_some_and(|u| {
+                u.origin() == page_url.origin()
+                    && (u.path() == page_url.path() || u.path().starts_with("/r/"))
+            })
+    };
+    let count = |method: &str| {
+        cdp.events
+            .iter()
+            .filter(|(_, m)| m["method"] == method && ours(m))
+            .count()
+    };
+    let events = Events {
+        paused: count("Fetch.requestPaused"),
+        will_be_sent: count("Network.requestWillBeSent"),
+    };
+    Ok(Measured {
+        took: at - t0,
+        check: check["result"]["value"].clone(),
+        cpu: used,
+        events,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1129,7 +1323,7 @@ fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
 }
 
 fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
-    let [bare, plain, cred] = &p.loads;
+    let [bare, plain, cred, fetch_docs, fetch_all, network_all] = &p.loads;
     let med3 = |f: &dyn Fn(&Load) -> f64| (med_of(bare, f), med_of(plain, f), med_of(cred, f));
     let t = med3(&|l| l.ms);
     let in_page = med3(&|l| l.in_page_ms);
@@ -1138,6 +1332,10 @@ fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
     let latency = med3(&|l| l.latency_ms);
     let browser_cpu = med3(&|l| l.browser_cpu_ms);
     let sup_cpu = med3(&|l| l.supervisor_cpu_ms);
+    // The bare sides: bare Chromium, then the three with a part of the interception.
+    let bare_sides = [bare, fetch_docs, fetch_all, network_all];
+    let med4 = |f: &dyn Fn(&Load) -> f64| bare_sides.map(|l| med_of(l, f));
+    let floor = med4(&|l| l.ms);
     let ratio = t.2 / t.0;
     let interception_ratio = t.2 / t.1;
     let verdict = |ok: bool| if ok { "pass" } else { "**MISSED**" };
@@ -1176,9 +1374,12 @@ fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
     );
     let _ = writeln!(
         w,
-        "| settings | {} page-load runs per side (plus one warm-up), {SUBRESOURCES} \
+        "| settings | {} page-load runs per side (plus one warm-up), {} sides, {SUBRESOURCES} \
          subresources; decision: {} batches × {} calls per case |\n",
-        s.runs, s.batches, s.calls
+        s.runs,
+        SIDES.len(),
+        s.batches,
+        s.calls
     );
 
     let _ = writeln!(w, "### Results\n");
@@ -1336,6 +1537,97 @@ fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
         micro_row(w, x, false);
     }
 
+    let _ = writeln!(
+        w,
+        "\n### What Fetch interception costs Chromium itself (no chaperone)\n"
+    );
+    let _ = writeln!(
+        w,
+        "Bare Chromium, and three more bare Chromiums each with a part of the issue's \
+         interception set up by this program over the pipe (see Method), in the same runs as the \
+         sides above (medians over the runs):\n"
+    );
+    let _ = writeln!(
+        w,
+        "| | bare Chromium | {} | {} | {} |\n|---|---:|---:|---:|---:|",
+        Side::FetchDocs.name(),
+        Side::FetchAll.name(),
+        Side::NetworkAll.name()
+    );
+    let row4 = |w: &mut String, name: &str, v: [f64; 4], unit: &str, digits: usize| {
+        let cells: Vec<String> = v.iter().map(|x| format!("{x:.digits$}{unit}")).collect();
+        let _ = writeln!(w, "| {name} | {} |", cells.join(" | "));
+    };
+    row4(
+        w,
+        "`Page.navigate` → `load` event (client side)",
+        floor,
+        " ms",
+        0,
+    );
+    row4(w, "vs bare", floor.map(|x| x / floor[0]), " ×", 2);
+    row4(
+        w,
+        "the page's own `loadEventStart` (navigation timing)",
+        med4(&|l| l.in_page_ms),
+        " ms",
+        0,
+    );
+    row4(
+        w,
+        "subresource `requestStart` → `responseEnd`, median (resource timing)",
+        med4(&|l| l.latency_ms),
+        " ms",
+        1,
+    );
+    row4(
+        w,
+        "CPU time of the side's browser processes during the load",
+        med4(&|l| l.browser_cpu_ms),
+        " ms",
+        0,
+    );
+    let mut bare_kinds: Vec<&'static str> = bare_sides
+        .iter()
+        .flat_map(|side| side.iter())
+        .flat_map(|l| l.cpu_by_kind.keys().copied())
+        .collect();
+    bare_kinds.sort_unstable();
+    bare_kinds.dedup();
+    for k in bare_kinds {
+        let v = med4(&|l| l.cpu_by_kind.get(k).copied().unwrap_or(0.0));
+        if v.iter().any(|&x| x != 0.0) {
+            row4(w, &format!("… of which {k}"), v, " ms", 0);
+        }
+    }
+    let [_, docs_x, all_x, net_x] = floor.map(|x| x / floor[0]);
+    let _ = writeln!(
+        w,
+        "\nThe issue asks for the broker's interception to be browser-level `Fetch` at the \
+         Request stage for all URLs. On this machine that has a floor {} the ≤ \
+         {LOAD_RATIO_TARGET:.2} × target before chaperone does anything: on bare Chromium, \
+         installing the interceptor alone (its pattern matches documents only, so the page's \
+         navigation is paused and none of its {SUBRESOURCES} images) costs {docs_x:.2} × \
+         ({:+.0} ms), pausing each of the page's {requests} requests and continuing it unchanged \
+         at once {all_x:.2} × ({:+.0} ms), and `Network` enabled on every target (auto-attach, \
+         no Fetch) {net_x:.2} × ({:+.0} ms). chaperone takes {:.2} × without credentials and \
+         {ratio:.2} × with the credential, {:+.0} ms over pausing every request on bare \
+         Chromium. That remaining cost is `Network.enable` on every target (used for the \
+         requests' `isSameSite` verdict and to capture `Set-Cookie`) plus the decision (figure \
+         6: at most {:.2} ms for the page's {requests} requests).",
+        if docs_x > LOAD_RATIO_TARGET {
+            "above"
+        } else {
+            "within"
+        },
+        floor[1] - floor[0],
+        floor[2] - floor[0],
+        floor[3] - floor[0],
+        t.1 / t.0,
+        t.2 - floor[2],
+        inject_us * requests as f64 / 1000.0,
+    );
+
     let _ = writeln!(w, "\n### Where the time goes\n");
     let scan: f64 = micro
         .iter()
@@ -1399,25 +1691,28 @@ fn render(s: &Settings, p: &Pages, micro: &[Micro], m: &Machine) -> String {
     let _ = writeln!(w, "### Method\n");
     let _ = writeln!(w, "{METHOD}");
     let _ = writeln!(w, "### Every run\n");
-    let _ = writeln!(
+    let _ =
+        writeln!(
         w,
-        "| run | bare (ms) | chaperone, no credentials (ms) | chaperone, credential (ms) | \
-         connections | in flight at most |\n|---|---:|---:|---:|---|---|"
+        "| run | {} | connections (in the columns' order) | in flight at most |\n|---|{}---|---|",
+        SIDES.map(|side| format!("{} (ms)", side.name())).join(" | "),
+        "---:|".repeat(SIDES.len())
     );
     for i in 0..bare.len() {
+        let each = |f: &dyn Fn(&Load) -> String, sep: &str| {
+            p.loads
+                .iter()
+                .map(|l| f(&l[i]))
+                .collect::<Vec<_>>()
+                .join(sep)
+        };
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {:.0} | {:.0} | {} / {} / {} | {:.0} / {:.0} / {:.0} |",
+            "| {} | {} | {} | {} |",
             i + 1,
-            bare[i].ms,
-            plain[i].ms,
-            cred[i].ms,
-            bare[i].connections,
-            plain[i].connections,
-            cred[i].connections,
-            bare[i].peak,
-            plain[i].peak,
-            cred[i].peak,
+            each(&|l| format!("{:.0}", l.ms), " | "),
+            each(&|l| l.connections.to_string(), " / "),
+            each(&|l| format!("{:.0}", l.peak), " / "),
         );
     }
     let _ = writeln!(w, "\n### Notes\n\n{NOTES}");
@@ -1428,7 +1723,7 @@ const METHOD: &str = "\
 5. **Page load.** A server in the bench process (hyper, HTTP/1.1, keep-alive on, its own \
    thread, 127.0.0.1) serves `http://bank.test:PORT/page`: 100 `<img>` tags for \
    `/r/0.png` … `/r/99.png`, each a 67-byte PNG; every response says `Cache-Control: no-store`. \
-   Three browsers run side by side for the whole benchmark (one per side, reused for every \
+   Six browsers run side by side for the whole benchmark (one per side, reused for every \
    run, which measures the steady state: the start is figure 1 above):\n   - **bare Chromium**: `chaperone::browser::chromium::args()` without the proxy flags, with \
      `--no-proxy-server --host-resolver-rules=\"MAP bank.test 127.0.0.1\"`, as `nobody` with its \
      own sandbox on, CDP over `--remote-debugging-pipe` (set up as for figure 1);\n   - **chaperone, credential**: a session of `chaperone serve` whose mandate allows `bank.test` \
@@ -1438,23 +1733,39 @@ const METHOD: &str = "\
      site's navigations, fetch and XHR) and \
      injects both into each request of the page; CDP over the session's websocket;\n   - **chaperone, no credentials**: the same mandate without the credential, so no \
      interception at all; it separates the sandbox's network path (the egress proxy) from the \
-     interception.\n\
-   \n   Each run, each side in turn (the order rotates run by run, so each side is first, second \
-   and third equally often): `Target.createTarget about:blank` → `Target.attachToTarget` \
+     interception;\n   - **bare + Fetch, nothing paused**, **bare + Fetch, every request paused**, **bare + \
+     Network on every target**: three more bare Chromiums, started like the first, each with a \
+     part of the issue's interception set up once by this program over its pipe, which answers \
+     every pause at once and unchanged: browser-level `Fetch.enable` with the pattern \
+     `{urlPattern: \"*\", resourceType: \"Document\", requestStage: \"Request\"}` (the \
+     interceptor installed; only the navigation is paused); `Fetch.enable` with \
+     `{urlPattern: \"*\", requestStage: \"Request\"}` (every request paused, each \
+     `Fetch.requestPaused` answered with `Fetch.continueRequest {requestId}` alone); \
+     `Target.setAutoAttach {autoAttach, waitForDebuggerOnStart, flatten}` and, on each target \
+     it attaches (once per target), `Network.enable {maxTotalBufferSize: 0, \
+     maxResourceBufferSize: 0}` and `Runtime.runIfWaitingForDebugger`, no Fetch. With no \
+     chaperone and no decision in the way, they are a floor for a broker that intercepts this \
+     way.\n\
+   \n   Each run, each side in turn (the order rotates run by run, so each side takes each place \
+   in the order equally often): `Target.createTarget about:blank` → `Target.attachToTarget` \
    (flat) → `Page.enable`, `Page.setLifecycleEventsEnabled` → **timed**: from just before \
    sending `Page.navigate` until the `Page.lifecycleEvent` `load` with the navigation's \
    `loaderId` arrives → untimed checks → `Target.closeTarget`. The checks fail the benchmark \
    unless the page is at its URL with all 100 images decoded, the server got the page and \
    each subresource exactly once, and — on the credential side — every one of those 101 \
-   requests carried the held cookie and the held `Authorization` header (on the other two \
-   sides, none carried a `Cookie` or `Authorization`). One warm-up run per side is discarded. \
+   requests carried the held cookie and the held `Authorization` header (on every other side, \
+   none carried a `Cookie` or `Authorization`), and unless, on the bare sides, the browser's \
+   own CDP events from `Page.navigate` to the checks show the page's requests as the side says: \
+   one `Fetch.requestPaused` (the page) with the document pattern, 101 with the pattern for all, \
+   101 `Network.requestWillBeSent` on the Network side (one session per target), none of \
+   either elsewhere. One warm-up run per side is discarded. \
    The page's own `loadEventStart` (navigation timing) is reported alongside: it starts at \
    the navigation's start inside the browser, so it leaves out the CDP transport (pipe against \
    websocket) and includes everything else. The same script reads the subresources' \
    resource timing (the most requests in flight at once, the median `requestStart` → \
    `responseEnd`); CPU time (`utime + stime` from `/proc/PID/stat`, 10 ms ticks) is read just \
    before `Page.navigate` and just after the load event, for the side's browser processes \
-   (bare: the browser, its descendants and its crashpad handlers; chaperone: everything under \
+   (bare sides: the browser, its descendants and its crashpad handlers; chaperone: everything under \
    the session's sandbox launcher) and for `chaperone serve` (its egress proxy, gate and \
    broker all run in it).
 6. **Per-request decision.** `chaperone::broker::decide::decide` called directly (release \
@@ -1484,6 +1795,9 @@ const NOTES: &str = "\
   values are coarse and only the medians over the runs mean much.
 - The server runs on a thread of the bench process and competes for the same 2 cores as the \
   browsers and the supervisor on every side alike.
-- The three browsers stay alive side by side for the whole run; the two that are not loading \
+- The six browsers stay alive side by side for the whole run; the five that are not loading \
   sit idle.
+- On the three instrumented bare sides this program answers each pause itself, over the same \
+  pipe as its commands, with nothing to decide: an interceptor that answers over CDP can hardly \
+  do less.
 ";

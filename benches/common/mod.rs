@@ -134,11 +134,26 @@ pub enum Transport {
     Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
 }
 
+/// Answers events as they arrive: given an event, the commands to send at once (objects with
+/// `method`, `params` and, for a target's session, `sessionId`; the id is added). It lets a
+/// client keep up with events the browser blocks on (`Fetch.requestPaused`, a target waiting
+/// for the debugger) while `call` or `wait_event` waits for something else.
+pub type Hook = Box<dyn FnMut(&Value) -> Vec<Value> + Send>;
+
+/// Ids of the hook's commands start here, far above `call`'s, so their answers are told apart
+/// and dropped; below 2^31, as Chromium drops a command whose id is not a 32-bit integer. An
+/// error answer is dropped too: a pause left unanswered stalls the page, which the bounded wait
+/// for its load then reports.
+const HOOK_IDS: u64 = 1 << 30;
+
 pub struct Cdp {
     pub t: Transport,
     pub next_id: u64,
     /// Events received while waiting for something else, with when they arrived.
     pub events: VecDeque<(Instant, Value)>,
+    /// Sees every event before it is kept or matched; none by default.
+    pub hook: Option<Hook>,
+    hook_id: u64,
 }
 
 impl Cdp {
@@ -147,7 +162,23 @@ impl Cdp {
             t,
             next_id: 0,
             events: VecDeque::new(),
+            hook: None,
+            hook_id: HOOK_IDS,
         }
+    }
+
+    /// Sends what the hook answers to `m`, when `m` is an event and there is a hook.
+    async fn answer(&mut self, m: &Value) -> anyhow::Result<()> {
+        let commands = match self.hook.as_mut() {
+            Some(hook) if m.get("method").is_some() => hook(m),
+            _ => return Ok(()),
+        };
+        for mut command in commands {
+            self.hook_id += 1;
+            command["id"] = json!(self.hook_id);
+            self.send_raw(command.to_string()).await?;
+        }
+        Ok(())
     }
 
     pub async fn send_raw(&mut self, text: String) -> anyhow::Result<()> {
@@ -200,7 +231,8 @@ impl Cdp {
         }
     }
 
-    /// Sends one command and reads until its answer; events in between are kept.
+    /// Sends one command and reads until its answer; events in between are answered by the
+    /// hook, if any, and kept.
     pub async fn call(
         &mut self,
         method: &str,
@@ -225,11 +257,13 @@ impl Cdp {
                 }
                 return Ok(m.get("result").cloned().unwrap_or(Value::Null));
             }
+            self.answer(&m).await?;
             self.keep(Instant::now(), m);
         }
     }
 
-    /// When the first event `want` accepts arrived (it may have arrived already).
+    /// When the first event `want` accepts arrived (it may have arrived already). Every event
+    /// read meanwhile goes to the hook first, the awaited one too.
     pub async fn wait_event(
         &mut self,
         within: Duration,
@@ -245,6 +279,7 @@ impl Cdp {
                 .await
                 .map_err(|_| anyhow!("the event did not arrive within {within:?}"))??;
             let at = Instant::now();
+            self.answer(&m).await?;
             if want(&m) {
                 return Ok(at);
             }
