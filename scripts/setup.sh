@@ -58,6 +58,19 @@ else
     step "chromium: installed ($(chromium_version))"
 fi
 
+# --- Time zones -------------------------------------------------------------------------------
+# A mandate's `window` names an IANA time zone; chaperone reads it from the system's database.
+if [ -f /usr/share/zoneinfo/Europe/London ]; then
+    step "tzdata: present"
+else
+    step "tzdata: /usr/share/zoneinfo missing, installing Debian's tzdata with apt-get"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        tzdata </dev/null >/dev/null
+    [ -f /usr/share/zoneinfo/Europe/London ] || die "apt-get installed tzdata but /usr/share/zoneinfo is still missing"
+    step "tzdata: installed"
+fi
+
 # --- Node.js and the test clients -------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     die "node and npm not found: install Node.js >= $min_node_major with npm, then rerun"
