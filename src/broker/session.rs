@@ -242,11 +242,7 @@ impl Broker {
                 match state.refresh(cred, true).await {
                     Ok(d) => due.push((cred, d)),
                     Err(e) => {
-                        let id = lock(&state.vault)
-                            .credentials()
-                            .get(cred)
-                            .map(|c| c.id.clone())
-                            .unwrap_or_default();
+                        let id = id_of(&state, cred);
                         return Err(format!("oauth refresh for `{id}` failed: {e}"));
                     }
                 }
@@ -1136,6 +1132,10 @@ async fn refresh_loop(state: Weak<State>, stop: CancellationToken, cred: usize, 
     let mut failures: u32 = 0;
     let mut stale = false;
     let mut next = due.refresh_at;
+    let id = match state.upgrade() {
+        Some(s) => id_of(&s, cred),
+        None => return,
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -1164,7 +1164,7 @@ async fn refresh_loop(state: Weak<State>, stop: CancellationToken, cred: usize, 
             Err(RefreshFailure::Gone) => return,
             Err(e) => {
                 failures += 1;
-                tracing::warn!(credential = cred, attempt = failures, error = %e, "an OAuth refresh failed; retrying");
+                tracing::warn!(credential = %id, attempt = failures, error = %e, "an OAuth refresh failed; retrying");
                 let now_stale = !stale && Instant::now() >= due.stale_at;
                 // A rejection is audited as such; a failure of a token already stale was.
                 if now_stale || (matches!(e, RefreshFailure::Failed(_)) && !stale) {
@@ -1175,6 +1175,14 @@ async fn refresh_loop(state: Weak<State>, stop: CancellationToken, cred: usize, 
             }
         }
     }
+}
+
+fn id_of(s: &State, cred: usize) -> String {
+    lock(&s.vault)
+        .credentials()
+        .get(cred)
+        .map(|c| c.id.clone())
+        .unwrap_or_default()
 }
 
 /// The wait before retry `failures`: from an eighth of the token's lifetime (within 250 ms and
