@@ -104,8 +104,8 @@ pub enum OnLeak {
 #[serde(deny_unknown_fields)]
 pub struct AnomalyThreshold {
     /// Refusals (`credential.blocked`, `credential.exfiltration_blocked`,
-    /// `credential.scope_escalation_blocked`, `egress.denied`, `cdp.denied`) that end the
-    /// session; at least 1.
+    /// `credential.scope_escalation_blocked`, `credential.refresh_rejected`, `egress.denied`,
+    /// `cdp.denied`) that end the session; at least 1.
     pub max_blocked: u32,
     /// Within this many seconds (a sliding window); at least 1.
     pub within_secs: u64,

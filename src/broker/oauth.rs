@@ -85,14 +85,20 @@ pub fn same_endpoint(url: &Url, endpoint: &Url) -> bool {
         && url.path().trim_end_matches('/') == endpoint.path().trim_end_matches('/')
 }
 
+/// What a request whose `scope` could not be read is taken to ask for (never granted).
+pub const UNREADABLE_SCOPE: &str = "[a scope the broker could not read]";
+
 /// Every scope value a request asks for: `scope` in the query, and in the body as a form
-/// (`application/x-www-form-urlencoded`) or as JSON (`"scope": "a b"` or `["a", "b"]`).
-/// Values that do not parse as scope values are returned too: asking for one is asking for
-/// something beyond any grant.
+/// (`application/x-www-form-urlencoded`), as `multipart/form-data`, or as JSON
+/// (`"scope": "a b"` or `["a", "b"]`). Keys match without regard to case, as lenient servers
+/// read them. Values that do not parse as scope values are returned too: asking for one is
+/// asking for something beyond any grant. Fails closed: a request that mentions `scope` where
+/// none of these finds a value asks for [`UNREADABLE_SCOPE`].
 pub fn requested_scopes(url: &Url, body: &[u8]) -> Vec<String> {
+    let is_scope = |k: &str| k.eq_ignore_ascii_case("scope");
     let mut raw: Vec<String> = url
         .query_pairs()
-        .filter(|(k, _)| k == "scope")
+        .filter(|(k, _)| is_scope(k))
         .map(|(_, v)| v.into_owned())
         .collect();
     let trimmed = body.trim_ascii_start();
@@ -101,21 +107,26 @@ pub fn requested_scopes(url: &Url, body: &[u8]) -> Vec<String> {
         .is_some_and(|b| *b == b'{')
         .then(|| serde_json::from_slice::<serde_json::Value>(body).ok())
         .flatten();
-    match json {
-        Some(v) => match v.get("scope") {
-            Some(serde_json::Value::String(s)) => raw.push(s.clone()),
-            Some(serde_json::Value::Array(a)) => raw.extend(
-                a.iter()
-                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string)),
-            ),
-            Some(serde_json::Value::Null) | None => {}
-            Some(other) => raw.push(other.to_string()),
-        },
-        None => raw.extend(
+    if let Some(serde_json::Value::Object(o)) = &json {
+        for (_, v) in o.iter().filter(|(k, _)| is_scope(k)) {
+            match v {
+                serde_json::Value::String(s) => raw.push(s.clone()),
+                serde_json::Value::Array(a) => raw.extend(
+                    a.iter()
+                        .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string)),
+                ),
+                serde_json::Value::Null => {}
+                other => raw.push(other.to_string()),
+            }
+        }
+    } else if trimmed.starts_with(b"--") {
+        raw.extend(multipart_values(trimmed, is_scope));
+    } else {
+        raw.extend(
             url::form_urlencoded::parse(body)
-                .filter(|(k, _)| k == "scope")
+                .filter(|(k, _)| is_scope(k))
                 .map(|(_, v)| v.into_owned()),
-        ),
+        );
     }
     let mut out: Vec<String> = Vec::new();
     for v in raw.iter().flat_map(|s| s.split_ascii_whitespace()) {
@@ -123,7 +134,46 @@ pub fn requested_scopes(url: &Url, body: &[u8]) -> Vec<String> {
             out.push(v.to_string());
         }
     }
+    if out.is_empty() && raw.is_empty() {
+        let mentions = |b: &[u8]| b.windows(5).any(|w| w.eq_ignore_ascii_case(b"scope"));
+        let decoded: Vec<u8> = percent_encoding::percent_decode(body).collect();
+        if mentions(url.query().unwrap_or("").as_bytes()) || mentions(body) || mentions(&decoded) {
+            out.push(UNREADABLE_SCOPE.to_string());
+        }
+    }
     out
+}
+
+/// The values of the `multipart/form-data` fields of `body` whose name passes `wanted`. The
+/// boundary is the body's first line.
+fn multipart_values(body: &[u8], wanted: impl Fn(&str) -> bool) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    let Some(boundary) = text.lines().next().map(str::trim_end) else {
+        return Vec::new();
+    };
+    text.split(boundary)
+        .filter_map(|part| {
+            let (head, value) = part
+                .split_once("\r\n\r\n")
+                .or_else(|| part.split_once("\n\n"))?;
+            let named = head.lines().any(|l| {
+                let l = l.to_ascii_lowercase();
+                l.starts_with("content-disposition:")
+                    && l.split(';').any(|p| {
+                        p.trim()
+                            .strip_prefix("name=")
+                            .is_some_and(|n| wanted(n.trim_matches('"')))
+                    })
+            });
+            named.then(|| {
+                value
+                    .strip_suffix("\r\n")
+                    .or_else(|| value.strip_suffix('\n'))
+                    .unwrap_or(value)
+                    .to_string()
+            })
+        })
+        .collect()
 }
 
 /// Scope values from a page or a server as an audit record may show them: any that carries a
@@ -534,6 +584,33 @@ mod tests {
         );
         assert!(requested_scopes(&u("https://i.test/t"), b"grant_type=refresh_token").is_empty());
         assert!(requested_scopes(&u("https://i.test/t"), b"\x00\xff").is_empty());
+        // Keys in any case, percent-encoded keys.
+        assert_eq!(
+            requested_scopes(
+                &u("https://i.test/t?Scope=admin"),
+                b"SCOPE=read&sc%6Fpe=write"
+            ),
+            v(&["admin", "read", "write"])
+        );
+        // multipart/form-data, as a page's FormData sends it.
+        let multipart = b"------WebKitFormBoundaryx\r\nContent-Disposition: form-data; name=\"grant_type\"\r\n\r\nrefresh_token\r\n------WebKitFormBoundaryx\r\nContent-Disposition: form-data; name=\"scope\"\r\n\r\nread admin\r\n------WebKitFormBoundaryx--\r\n";
+        assert_eq!(
+            requested_scopes(&u("https://i.test/t"), multipart),
+            v(&["read", "admin"])
+        );
+        // Mentioned but not readable: taken as asking for something never granted.
+        for body in [
+            &b"{\"scope\": null}"[..],
+            b"<scope>admin</scope>",
+            b"%73cope: admin",
+        ] {
+            assert_eq!(
+                requested_scopes(&u("https://i.test/t"), body),
+                v(&[UNREADABLE_SCOPE]),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]
