@@ -80,6 +80,31 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Limits on what operators may ask for.
     pub limits: LimitsConfig,
+    /// Calls the supervisor itself makes upstream with held credentials (OAuth refresh,
+    /// revocation at session end).
+    pub upstream: UpstreamConfig,
+}
+
+/// `[upstream]`: the supervisor's own HTTPS client, which refreshes OAuth access tokens and
+/// revokes credentials upstream at session end (never the browser, which never holds them).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Extra trusted roots (PEM), for private or test CAs, on top of the system's roots.
+    /// Default none: the system's roots only.
+    pub ca_file: Option<PathBuf>,
+    /// How long one upstream call may take, connection included (e.g. `"10s"`).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            ca_file: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// TLS for the agent endpoint.
@@ -180,6 +205,7 @@ impl Default for Config {
             browser: BrowserConfig::default(),
             sandbox: SandboxConfig::default(),
             limits: LimitsConfig::default(),
+            upstream: UpstreamConfig::default(),
         }
     }
 }
@@ -269,6 +295,13 @@ impl Config {
                 "audit.rotate_bytes: must be at least 1 byte (leave it out to never rotate)".into(),
             );
         }
+        if self.upstream.timeout.is_zero() {
+            return Err("upstream.timeout: must be longer than 0 (e.g. \"10s\")".into());
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            crate::broker::upstream::read_roots(ca)
+                .map_err(|e| format!("upstream.ca_file: {e}"))?;
+        }
         Ok(())
     }
 
@@ -339,6 +372,48 @@ mod tests {
         std::fs::write(&p, "[audit]\nkey = \"x\"\n").unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("key") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn upstream_section_reads_ca_file_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let c = Config::default();
+        assert_eq!(c.upstream.timeout, Duration::from_secs(10));
+        assert!(c.upstream.ca_file.is_none());
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "[upstream]\nca_file = \"{}\"\ntimeout = \"3s\"\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.upstream.timeout, Duration::from_secs(3));
+        assert_eq!(c.upstream.ca_file.as_deref(), Some(ca.as_path()));
+        for (text, field) in [
+            ("[upstream]\ntimeout = \"0s\"\n", "upstream.timeout"),
+            (
+                "[upstream]\nca_file = \"/nonexistent/ca.pem\"\n",
+                "upstream.ca_file",
+            ),
+            ("[upstream]\nca = \"x\"\n", "line 2"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+        std::fs::write(&ca, "not a certificate").unwrap();
+        std::fs::write(&p, format!("[upstream]\nca_file = \"{}\"\n", ca.display())).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("upstream.ca_file") && e.contains("no certificate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -104,8 +104,8 @@ pub enum OnLeak {
 #[serde(deny_unknown_fields)]
 pub struct AnomalyThreshold {
     /// Refusals (`credential.blocked`, `credential.exfiltration_blocked`,
-    /// `credential.scope_escalation_blocked`, `egress.denied`, `cdp.denied`) that end the
-    /// session; at least 1.
+    /// `credential.scope_escalation_blocked`, `credential.refresh_rejected`, `egress.denied`,
+    /// `cdp.denied`) that end the session; at least 1.
     pub max_blocked: u32,
     /// Within this many seconds (a sliding window); at least 1.
     pub within_secs: u64,
@@ -157,6 +157,91 @@ pub struct Credential {
     /// Headers to add to requests for `site` (e.g. `Authorization`).
     #[serde(default, serialize_with = "redact_map")]
     pub headers: BTreeMap<String, SecretString>,
+    /// An OAuth 2.0 refresh grant the supervisor runs itself: it keeps a short-lived access
+    /// token for `site` fresh and injects it; the browser never sees the refresh token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuth>,
+    /// An upstream revocation or logout call (e.g. RFC 7009) the supervisor makes with the
+    /// held credential when the session ends, before its values are forgotten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke: Option<Revoke>,
+}
+
+/// See [`Credential::oauth`]. The access token is refreshed before it is `max_token_age_secs`
+/// old (AG-120 4.9) and only ever with the mandate's `scope` (AG-120 4.3).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth {
+    /// The token endpoint: `https://`, or `http://` to a loopback address or `localhost`.
+    pub token_endpoint: String,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The client secret, for confidential clients; held like every credential value.
+    #[serde(
+        default,
+        serialize_with = "redact_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_secret: Option<SecretString>,
+    /// The granted scope, space-separated (`"read write"`). Refreshes ask for exactly this; a
+    /// token granting more is refused, and so is a page asking the token endpoint for more.
+    pub scope: String,
+    /// The refresh token; held like every credential value, never in the browser.
+    #[serde(serialize_with = "redact")]
+    pub refresh_token: SecretString,
+    /// The oldest an injected access token may get; refreshes start at 80% of the shorter of
+    /// this and the token's `expires_in`. Default 900 (15 minutes, AG-120 4.9); at least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_age_secs: Option<u64>,
+    /// The header the access token rides in. Default `Authorization`, as `Bearer <token>`;
+    /// any other header carries the bare token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+}
+
+/// Default of [`OAuth::max_token_age_secs`].
+pub const DEFAULT_MAX_TOKEN_AGE_SECS: u64 = 900;
+
+impl OAuth {
+    /// The header the access token rides in.
+    pub fn header_name(&self) -> &str {
+        self.header.as_deref().unwrap_or("Authorization")
+    }
+
+    /// [`OAuth::max_token_age_secs`] with its default.
+    pub fn max_token_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.max_token_age_secs
+                .unwrap_or(DEFAULT_MAX_TOKEN_AGE_SECS),
+        )
+    }
+}
+
+/// See [`Credential::revoke`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    /// Where to send it: on the credential's site or the token endpoint's host, `https://`
+    /// (or `http://` to a loopback address or `localhost`).
+    pub url: String,
+    /// The HTTP method. Default `POST`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// A form body (`application/x-www-form-urlencoded`). Values may name held material:
+    /// `{refresh_token}`, `{access_token}`, `{client_id}`, `{client_secret}`; for RFC 7009,
+    /// `{token = "{refresh_token}", token_type_hint = "refresh_token"}`. Default none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub form: BTreeMap<String, String>,
+}
+
+impl Revoke {
+    /// [`Revoke::method`] with its default, upper case.
+    pub fn method(&self) -> String {
+        self.method
+            .as_deref()
+            .unwrap_or("POST")
+            .to_ascii_uppercase()
+    }
 }
 
 /// A cookie held for a credential.
@@ -181,6 +266,13 @@ pub struct CredentialCookie {
 
 fn redact<S: serde::Serializer>(_: &SecretString, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str("[held by chaperone]")
+}
+
+fn redact_option<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("[held by chaperone]"),
+        None => s.serialize_none(),
+    }
 }
 
 fn redact_map<S: serde::Serializer>(
@@ -519,6 +611,12 @@ impl Mandate {
             for v in c.headers.values_mut() {
                 *v = SecretString::from("");
             }
+            if let Some(o) = &mut c.oauth {
+                o.refresh_token = SecretString::from("");
+                if let Some(cs) = &mut o.client_secret {
+                    *cs = SecretString::from("");
+                }
+            }
         }
         std::mem::replace(&mut self.credentials, emptied)
     }
@@ -602,7 +700,11 @@ fn registrable(field: &str, name: &str) -> Result<(), MandateError> {
 
 /// Secret values must survive JSON, headers and cookies byte for byte, so the leak detector
 /// and the gate's scrubber see them exactly as they travel.
-fn check_secret(field: &str, value: &str, allow_space: bool) -> Result<(), MandateError> {
+pub(crate) fn check_secret(
+    field: &str,
+    value: &str,
+    allow_space: bool,
+) -> Result<(), MandateError> {
     if value.len() < MIN_SECRET_LEN {
         return Err(MandateError::new(
             field,
@@ -636,10 +738,10 @@ fn validate_credential(i: usize, c: &Credential) -> Result<(), MandateError> {
     for (j, s) in c.allowed_initiators.iter().enumerate() {
         registrable(&at(&format!("allowed_initiators[{j}]")), s)?;
     }
-    if c.cookies.is_empty() && c.headers.is_empty() {
+    if c.cookies.is_empty() && c.headers.is_empty() && c.oauth.is_none() {
         return Err(MandateError::new(
             at("cookies"),
-            "a credential needs at least one cookie or header",
+            "a credential needs at least one cookie, header or `oauth` grant",
         ));
     }
     for (j, k) in c.cookies.iter().enumerate() {
@@ -687,6 +789,183 @@ fn validate_credential(i: usize, c: &Credential) -> Result<(), MandateError> {
             ));
         }
         check_secret(&field, value.expose_secret(), true)?;
+    }
+    let token_host = match &c.oauth {
+        Some(o) => Some(validate_oauth(&at("oauth"), o, c)?),
+        None => None,
+    };
+    if let Some(r) = &c.revoke {
+        validate_revoke(&at("revoke"), r, c, token_host.as_deref())?;
+    }
+    Ok(())
+}
+
+fn header_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+}
+
+/// An address the supervisor itself calls with held material: `https://`, or plain `http://`
+/// only where nothing leaves the machine (a loopback address, `localhost`).
+pub(crate) fn upstream_url(field: &str, text: &str) -> Result<url::Url, MandateError> {
+    let url = url::Url::parse(text)
+        .map_err(|e| MandateError::new(field, format!("`{text}` is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => {
+            return Err(MandateError::new(
+                field,
+                format!("`{text}` has no host; give an https:// URL"),
+            ))
+        }
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(MandateError::new(
+                field,
+                format!(
+                    "`{text}` is plain http: held credentials travel only over https (plain \
+                     http is accepted for loopback addresses and localhost only)"
+                ),
+            ))
+        }
+        other => {
+            return Err(MandateError::new(
+                field,
+                format!("`{other}:` is not allowed; give an https:// URL"),
+            ))
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(MandateError::new(
+            field,
+            "must not carry a user name or password (put a client secret in \
+             `oauth.client_secret`)",
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(MandateError::new(field, "must not have a `#fragment`"));
+    }
+    Ok(url)
+}
+
+/// Checks `oauth`; returns the token endpoint's host (a revocation may go there).
+fn validate_oauth(at: &str, o: &OAuth, c: &Credential) -> Result<String, MandateError> {
+    let f = |name: &str| format!("{at}.{name}");
+    let endpoint = upstream_url(&f("token_endpoint"), &o.token_endpoint)?;
+    if o.client_id.is_empty()
+        || o.client_id.len() > 256
+        || !o
+            .client_id
+            .chars()
+            .all(|ch| ch.is_ascii_graphic() || ch == ' ')
+    {
+        return Err(MandateError::new(
+            f("client_id"),
+            "must be 1 to 256 printable ASCII characters",
+        ));
+    }
+    if let Some(cs) = &o.client_secret {
+        check_secret(&f("client_secret"), cs.expose_secret(), false)?;
+    }
+    check_secret(&f("refresh_token"), o.refresh_token.expose_secret(), false)?;
+    crate::broker::oauth::parse_scope(&o.scope).map_err(|e| MandateError::new(f("scope"), e))?;
+    if o.max_token_age_secs == Some(0) {
+        return Err(MandateError::new(
+            f("max_token_age_secs"),
+            format!("must be at least 1 second (default {DEFAULT_MAX_TOKEN_AGE_SECS}, AG-120 4.9)"),
+        ));
+    }
+    let header = o.header_name();
+    if !header_name_ok(header) {
+        return Err(MandateError::new(
+            f("header"),
+            format!("`{header}` is not a header name"),
+        ));
+    }
+    if RESERVED_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
+        return Err(MandateError::new(
+            f("header"),
+            "chaperone does not inject this header (the browser or the proxy owns it)",
+        ));
+    }
+    if c.headers.keys().any(|h| h.eq_ignore_ascii_case(header)) {
+        return Err(MandateError::new(
+            f("header"),
+            format!(
+                "`{header}` is also in `headers`; the refreshed access token is what rides in \
+                 it, so remove it from `headers` (or name another header here)"
+            ),
+        ));
+    }
+    Ok(endpoint.host_str().unwrap_or_default().to_string())
+}
+
+fn validate_revoke(
+    at: &str,
+    r: &Revoke,
+    c: &Credential,
+    token_host: Option<&str>,
+) -> Result<(), MandateError> {
+    let f = |name: &str| format!("{at}.{name}");
+    let url = upstream_url(&f("url"), &r.url)?;
+    let host = url.host_str().unwrap_or_default();
+    let on_site = crate::vault::jar::site_of(host.trim_matches(['[', ']']))
+        == crate::vault::jar::site_of(&c.site);
+    if !on_site && token_host != Some(host) {
+        return Err(MandateError::new(
+            f("url"),
+            format!(
+                "`{host}` is neither on the credential's site `{}` nor the token endpoint's \
+                 host; a revocation carries the held credential, so it may go only there",
+                c.site
+            ),
+        ));
+    }
+    let method = r.method();
+    if !["POST", "PUT", "PATCH", "DELETE", "GET"].contains(&method.as_str()) {
+        return Err(MandateError::new(
+            f("method"),
+            format!("`{method}` is not one of POST, PUT, PATCH, DELETE, GET"),
+        ));
+    }
+    if method == "GET" && !r.form.is_empty() {
+        return Err(MandateError::new(
+            f("form"),
+            "a GET request has no body, and held values do not go into URLs: use POST",
+        ));
+    }
+    for (k, v) in &r.form {
+        let field = f(&format!("form.{k}"));
+        if k.is_empty() || k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(MandateError::new(
+                field,
+                "keys must be non-empty, and neither keys nor values may hold control characters",
+            ));
+        }
+        let used =
+            crate::broker::oauth::placeholders(v).map_err(|e| MandateError::new(&field, e))?;
+        for p in used {
+            let missing = match (p, &c.oauth) {
+                (_, None) => Some("an `oauth` grant"),
+                ("client_secret", Some(o)) if o.client_secret.is_none() => {
+                    Some("`oauth.client_secret`")
+                }
+                _ => None,
+            };
+            if let Some(what) = missing {
+                return Err(MandateError::new(
+                    field,
+                    format!("`{{{p}}}` needs {what} in this credential"),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -927,6 +1206,190 @@ mod tests {
         }
         let e = check(r#"{"agent":"a","ttl_secs":5,"on_leak":"ignore"}"#).unwrap_err();
         assert_eq!(e.field, "on_leak");
+    }
+
+    /// A credential with an `oauth` grant and a `revoke` call, changed by `tweak`.
+    fn oauth_mandate(tweak: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut c = serde_json::json!({
+            "id": "api", "site": "bank.test",
+            "oauth": {
+                "token_endpoint": "https://auth.bank.test/oauth/token",
+                "client_id": "agent-client",
+                "client_secret": "SECRET-CLIENT-1234",
+                "scope": "read write",
+                "refresh_token": "SECRET-REFRESH-5678",
+            },
+            "revoke": {
+                "url": "https://auth.bank.test/oauth/revoke",
+                "form": {"token": "{refresh_token}", "token_type_hint": "refresh_token"},
+            },
+        });
+        tweak(&mut c);
+        serde_json::json!({"agent": "a", "ttl_secs": 5, "credentials": [c]}).to_string()
+    }
+
+    #[test]
+    fn oauth_and_revoke_validate_and_hide_their_secrets() {
+        let m = check(&oauth_mandate(|_| {})).unwrap();
+        let c = &m.source.credentials[0];
+        let o = c.oauth.as_ref().unwrap();
+        assert_eq!(o.max_token_age(), std::time::Duration::from_secs(900));
+        assert_eq!(o.header_name(), "Authorization");
+        assert_eq!(c.revoke.as_ref().unwrap().method(), "POST");
+        let shown = format!("{m:?} {}", serde_json::to_string(&m.source).unwrap());
+        for secret in ["SECRET-CLIENT-1234", "SECRET-REFRESH-5678"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        // What the registry keeps for display holds no value either.
+        let mut kept = m.source.clone();
+        let taken = kept.take_credentials();
+        let o = kept.credentials[0].oauth.as_ref().unwrap();
+        assert!(o.refresh_token.expose_secret().is_empty());
+        assert!(o.client_secret.as_ref().unwrap().expose_secret().is_empty());
+        let o = taken[0].oauth.as_ref().unwrap();
+        assert_eq!(o.refresh_token.expose_secret(), "SECRET-REFRESH-5678");
+        // Loopback may be plain http; the revocation may go to the token endpoint's host.
+        check(&oauth_mandate(|c| {
+            c["site"] = "api.test".into();
+            c["oauth"]["token_endpoint"] = "http://127.0.0.1:8080/token".into();
+            c["oauth"]["max_token_age_secs"] = 60.into();
+            c["oauth"]["header"] = "X-Access-Token".into();
+            c["revoke"]["url"] = "http://127.0.0.1:9/revoke".into();
+            c["revoke"]["method"] = "delete".into();
+        }))
+        .unwrap();
+        check(&oauth_mandate(|c| {
+            c["oauth"]["token_endpoint"] = "http://localhost:8080/token".into();
+            c["revoke"] = serde_json::json!({"url": "https://www.bank.test/logout"});
+        }))
+        .unwrap();
+        // A revocation on its own, with the credential's cookies.
+        check(&oauth_mandate(|c| {
+            c.as_object_mut().unwrap().remove("oauth");
+            c["cookies"] = serde_json::json!([{"name": "sid", "value": "SECRET-COOKIE-123"}]);
+            c["revoke"] = serde_json::json!({"url": "https://bank.test/logout", "method": "GET"});
+        }))
+        .unwrap();
+    }
+
+    #[test]
+    fn oauth_and_revoke_errors_name_the_field() {
+        type Tweak = fn(&mut serde_json::Value);
+        let cases: &[(Tweak, &str)] = &[
+            (
+                |c| c["oauth"]["token_endpoint"] = "http://auth.bank.test/token".into(),
+                "credentials[0].oauth.token_endpoint",
+            ),
+            (
+                |c| c["oauth"]["token_endpoint"] = "ftp://auth.bank.test/token".into(),
+                "credentials[0].oauth.token_endpoint",
+            ),
+            (
+                |c| c["oauth"]["token_endpoint"] = "not a url".into(),
+                "credentials[0].oauth.token_endpoint",
+            ),
+            (
+                |c| c["oauth"]["token_endpoint"] = "https://u:p@auth.bank.test/token".into(),
+                "credentials[0].oauth.token_endpoint",
+            ),
+            (
+                |c| c["oauth"]["token_endpoint"] = "http://localhost.evil.test/token".into(),
+                "credentials[0].oauth.token_endpoint",
+            ),
+            (
+                |c| c["oauth"]["client_id"] = "".into(),
+                "credentials[0].oauth.client_id",
+            ),
+            (
+                |c| c["oauth"]["client_secret"] = "short".into(),
+                "credentials[0].oauth.client_secret",
+            ),
+            (
+                |c| c["oauth"]["refresh_token"] = "SECRET REFRESH-5678".into(),
+                "credentials[0].oauth.refresh_token",
+            ),
+            (
+                |c| c["oauth"]["scope"] = " ".into(),
+                "credentials[0].oauth.scope",
+            ),
+            (
+                |c| c["oauth"]["scope"] = "read \"admin\"".into(),
+                "credentials[0].oauth.scope",
+            ),
+            (
+                |c| c["oauth"]["max_token_age_secs"] = 0.into(),
+                "credentials[0].oauth.max_token_age_secs",
+            ),
+            (
+                |c| c["oauth"]["header"] = "Cookie".into(),
+                "credentials[0].oauth.header",
+            ),
+            (
+                |c| c["oauth"]["header"] = "X K".into(),
+                "credentials[0].oauth.header",
+            ),
+            (
+                |c| c["headers"] = serde_json::json!({"authorization": "Bearer SECRET-STATIC-1"}),
+                "credentials[0].oauth.header",
+            ),
+            (
+                |c| c["oauth"]["extra"] = 1.into(),
+                "credentials[0].oauth.extra",
+            ),
+            (
+                |c| c["revoke"]["url"] = "https://evil.test/revoke".into(),
+                "credentials[0].revoke.url",
+            ),
+            (
+                |c| c["revoke"]["url"] = "http://auth.bank.test/revoke".into(),
+                "credentials[0].revoke.url",
+            ),
+            (
+                |c| c["revoke"]["method"] = "TRACE".into(),
+                "credentials[0].revoke.method",
+            ),
+            (
+                |c| c["revoke"]["method"] = "GET".into(),
+                "credentials[0].revoke.form",
+            ),
+            (
+                |c| c["revoke"]["form"]["token"] = "{refresh}".into(),
+                "credentials[0].revoke.form.token",
+            ),
+            (
+                |c| {
+                    c["oauth"].as_object_mut().unwrap().remove("client_secret");
+                    c["revoke"]["form"]["secret"] = "{client_secret}".into();
+                },
+                "credentials[0].revoke.form.secret",
+            ),
+            (
+                |c| {
+                    c.as_object_mut().unwrap().remove("oauth");
+                    c["headers"] = serde_json::json!({"X-K": "SECRET-STATIC-1"});
+                },
+                "credentials[0].revoke.form.token",
+            ),
+            (
+                |c| {
+                    c.as_object_mut().unwrap().remove("oauth");
+                    c["revoke"] = serde_json::json!({"url": "https://bank.test/logout"});
+                },
+                "credentials[0].cookies",
+            ),
+        ];
+        for (tweak, field) in cases {
+            let json = oauth_mandate(tweak);
+            let e = check(&json).unwrap_err();
+            assert_eq!(&e.field, field, "{json}: {e}");
+            for secret in [
+                "SECRET-CLIENT-1234",
+                "SECRET-REFRESH-5678",
+                "SECRET REFRESH",
+            ] {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! The order matters and is fixed:
 //! 1. the leak check over URL (host labels included), headers and body, against every held
 //!    value that does not belong to the destination's site;
-//! 2. for a credential's site: injection, if the request comes from a first-party context;
-//! 3. for any other site: `Cookie`, `Authorization` and `Proxy-Authorization` stripped or
+//! 2. a request to a credential's OAuth token endpoint that asks for scope beyond the grant
+//!    (AG-120 4.3): blocked, wherever the endpoint lives;
+//! 3. for a credential's site: injection, if the request comes from a first-party context;
+//! 4. for any other site: `Cookie`, `Authorization` and `Proxy-Authorization` stripped or
 //!    blocked, as the mandate says.
 
 use url::Url;
@@ -104,6 +106,13 @@ pub enum Decision {
         /// The headers at fault (names only).
         headers: Vec<String>,
     },
+    /// Fail it: it asks a credential's token endpoint for scope beyond what was granted.
+    ScopeEscalation {
+        /// The id of the credential whose token endpoint it is.
+        credential: String,
+        /// The scope values asked for beyond the grant (bounded, held values cut out).
+        requested_extra: Vec<String>,
+    },
     /// Fail it: it carries a held value where it does not belong.
     Exfiltration {
         /// The id of the credential whose value it is.
@@ -138,6 +147,14 @@ impl std::fmt::Debug for Decision {
             Decision::Block { headers } => {
                 f.debug_struct("Block").field("headers", headers).finish()
             }
+            Decision::ScopeEscalation {
+                credential,
+                requested_extra,
+            } => f
+                .debug_struct("ScopeEscalation")
+                .field("credential", credential)
+                .field("requested_extra", requested_extra)
+                .finish(),
             Decision::Exfiltration {
                 credential,
                 location,
@@ -170,6 +187,10 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
                 encoding: finding.encoding,
             };
         }
+    }
+
+    if let Some(d) = scope_escalation(req, vault) {
+        return d;
     }
 
     let Some(cred_index) = home else {
@@ -273,6 +294,24 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
         stripped: Vec::new(),
         withheld: None,
     }
+}
+
+/// A request to a credential's token endpoint asking for scope its grant does not hold. The
+/// values asked for are the page's own text: any that carries a held value is shown as
+/// `[held value]`, so the audit record cannot become a way out.
+fn scope_escalation(req: &Request<'_>, vault: &Vault) -> Option<Decision> {
+    let cred = vault.token_endpoint_credential(req.url)?;
+    let c = &vault.credentials()[cred];
+    let granted = c.oauth()?.granted();
+    let asked = crate::broker::oauth::requested_scopes(req.url, req.body);
+    let extra = crate::broker::oauth::beyond(&asked, granted);
+    if extra.is_empty() {
+        return None;
+    }
+    Some(Decision::ScopeEscalation {
+        credential: c.id.clone(),
+        requested_extra: crate::broker::oauth::shown(vault.detector_for(None), extra),
+    })
 }
 
 /// The value of the first header named `name` (any case).
@@ -727,6 +766,153 @@ mod tests {
         ));
         let shown = format!("{d:?} {v:?}");
         assert!(!shown.contains(COOKIE) && !shown.contains(TOKEN), "{shown}");
+    }
+
+    /// A bank whose API takes an OAuth access token from `auth.bank.test` (its own site) and a
+    /// shop whose token endpoint is on another site (`idp.test`).
+    fn oauth_vault() -> Vault {
+        let m = Mandate::from_json(
+            r#"{"agent":"a","ttl_secs":60,"credentials":[
+              {"id":"bank","site":"bank.test",
+               "oauth":{"token_endpoint":"https://auth.bank.test/oauth/token","client_id":"cid",
+                        "scope":"read","refresh_token":"SECRET-REFRESH-4c4c4c"}},
+              {"id":"shop","site":"shop.test",
+               "oauth":{"token_endpoint":"https://idp.test/token","client_id":"cid",
+                        "scope":"read write","refresh_token":"SECRET-REFRESH-8f8f8f"}}]}"#,
+        )
+        .unwrap();
+        let mut v = Vault::new(&m.credentials, FingerprintKey::random()).unwrap();
+        v.set_access_token(
+            0,
+            "SECRET-ACCESS-111111".into(),
+            None,
+            vec!["read".into()],
+            None,
+        )
+        .unwrap();
+        v
+    }
+
+    fn post<'a>(u: &'a Url, body: &'a [u8]) -> Request<'a> {
+        Request {
+            url: u,
+            method: "POST",
+            headers: &[],
+            body,
+            context: same_site(),
+        }
+    }
+
+    #[test]
+    fn ag120_4_3_asking_a_token_endpoint_for_more_scope_is_blocked() {
+        let v = oauth_vault();
+        let bank = url("https://auth.bank.test/oauth/token");
+        let d = decide(
+            &post(&bank, b"grant_type=refresh_token&scope=read+admin"),
+            &v,
+            UnlistedCredentials::Strip,
+        );
+        assert_eq!(
+            d,
+            Decision::ScopeEscalation {
+                credential: "bank".into(),
+                requested_extra: vec!["admin".into()],
+            }
+        );
+        let idp = url("https://idp.test/token?scope=write%20delete");
+        let d = decide(&post(&idp, b""), &v, UnlistedCredentials::Strip);
+        assert!(
+            matches!(&d, Decision::ScopeEscalation { credential, requested_extra }
+                if credential == "shop" && requested_extra == &["delete".to_string()]),
+            "{d:?}"
+        );
+        let d = decide(
+            &post(&idp, br#"{"scope":["read","write","admin"]}"#),
+            &v,
+            UnlistedCredentials::Strip,
+        );
+        assert!(matches!(d, Decision::ScopeEscalation { .. }), "{d:?}");
+        // Within the grant, or no scope at all: not an escalation (the usual rules apply).
+        for body in [
+            &b"scope=read"[..],
+            b"grant_type=authorization_code&code=x",
+            b"",
+        ] {
+            let d = decide(&post(&bank, body), &v, UnlistedCredentials::Strip);
+            assert!(matches!(d, Decision::Continue { .. }), "{d:?}");
+        }
+        // Another path on the same host is not the token endpoint.
+        let other = url("https://auth.bank.test/oauth/authorize?scope=admin");
+        let d = decide(&post(&other, b""), &v, UnlistedCredentials::Strip);
+        assert!(matches!(d, Decision::Continue { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_held_value_to_a_token_endpoint_is_an_exfiltration_first() {
+        let v = oauth_vault();
+        // The bank's refresh token sent to the shop's token endpoint, asking for more scope:
+        // the leak is what is reported.
+        let idp = url("https://idp.test/token");
+        let d = decide(
+            &post(
+                &idp,
+                b"grant_type=refresh_token&refresh_token=SECRET-REFRESH-4c4c4c&scope=admin",
+            ),
+            &v,
+            UnlistedCredentials::Strip,
+        );
+        assert!(
+            matches!(&d, Decision::Exfiltration { credential, .. } if credential == "bank"),
+            "{d:?}"
+        );
+        // A held value named as a scope (its own site's endpoint, so not a leak there) is not
+        // written into the audit record.
+        let bank = url("https://auth.bank.test/oauth/token");
+        let d = decide(
+            &post(&bank, b"scope=read+SECRET-ACCESS-111111"),
+            &v,
+            UnlistedCredentials::Strip,
+        );
+        assert_eq!(
+            d,
+            Decision::ScopeEscalation {
+                credential: "bank".into(),
+                requested_extra: vec!["[held value]".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn the_access_token_is_injected_once_refreshed() {
+        let v = oauth_vault();
+        let u = url("https://api.bank.test/me");
+        let Decision::Continue {
+            headers: Some(out),
+            injected: Some(inj),
+            ..
+        } = decide(&req(&u, &[], same_site()), &v, UnlistedCredentials::Strip)
+        else {
+            panic!("not injected");
+        };
+        assert_eq!(
+            header(&out, "authorization"),
+            Some("Bearer SECRET-ACCESS-111111")
+        );
+        assert_eq!(inj.tokens.len(), 1);
+        // The shop has no token yet: nothing rides.
+        let u = url("https://shop.test/");
+        let d = decide(&req(&u, &[], same_site()), &v, UnlistedCredentials::Strip);
+        assert!(
+            matches!(
+                d,
+                Decision::Continue {
+                    injected: None,
+                    headers: None,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 
     proptest::proptest! {

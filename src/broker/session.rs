@@ -18,15 +18,19 @@
 //! the agent's browser then behaves exactly like a bare Chromium.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::decide::{decide, header, Context, Decision, Request};
+use super::oauth;
+use super::upstream::{Revocation, Upstream};
 use crate::browser::conn::FILES_DIR;
 use crate::browser::BrowserConn;
 use crate::gate::HeldCell;
@@ -75,6 +79,20 @@ struct State {
     /// Coalescing keys of audit records already written.
     recorded: Mutex<HashSet<String>>,
     probe: Mutex<Option<(String, oneshot::Sender<()>)>>,
+    /// The supervisor's client for OAuth refreshes.
+    upstream: Option<Upstream>,
+    /// Cancelled by the purge: the refresh tasks stop.
+    stop: CancellationToken,
+}
+
+/// What the purge leaves to do: how many credentials were dropped, and the upstream
+/// revocations built from them just before (their values are zeroized when dropped).
+#[derive(Debug, Default)]
+pub struct Purged {
+    /// Credentials held until the purge.
+    pub credentials: usize,
+    /// The mandate's `revoke` calls, values filled in, to send now.
+    pub revocations: Vec<Revocation>,
 }
 
 /// Facts from the per-target `Network` sessions, by network request id.
@@ -169,15 +187,18 @@ fn wanted(method: &str) -> bool {
 impl Broker {
     /// Starts the broker for `mandate` on `conn`, if the mandate holds credentials: enables
     /// browser-level Fetch, auto-attaches every target, and proves the interception works with
-    /// a probe request that never leaves the browser. Returns `Ok(None)` for a mandate without
-    /// credentials, and an error naming the step when interception cannot be confirmed (the
-    /// session must not start then).
+    /// a probe request that never leaves the browser. Meanwhile it obtains a first access
+    /// token for every `oauth` credential over `upstream`, and then keeps each fresh on its own
+    /// task until the purge. Returns `Ok(None)` for a mandate without credentials, and an
+    /// error naming the step when interception cannot be confirmed or a first refresh fails
+    /// (the session must not start then).
     pub async fn start(
         conn: &BrowserConn,
         mandate: &ValidMandate,
         credentials: Vec<Credential>,
         key: FingerprintKey,
         events: Arc<dyn BrokerEvents>,
+        upstream: Option<Upstream>,
         confirm_within: Duration,
     ) -> Result<Option<Broker>, String> {
         if credentials.is_empty() {
@@ -187,7 +208,15 @@ impl Broker {
         // The vault copies the values into its own secrets; `credentials` (zeroizing) is
         // dropped at the end of this function.
         let vault = Vault::new(&credentials, key)
-            .map_err(|e| format!("vault: a mandate cookie was refused: {e}"))?;
+            .map_err(|e| format!("vault: a mandate credential was refused: {e}"))?;
+        let oauth_creds = vault.oauth_credentials();
+        if !oauth_creds.is_empty() && upstream.is_none() {
+            return Err(
+                "an `oauth` credential needs the supervisor's upstream client, which \
+                        could not be set up (see [upstream] in the config)"
+                    .into(),
+            );
+        }
         let held = conn.held();
         held.set(vault.held(FILES_DIR));
         let rx = conn
@@ -202,50 +231,42 @@ impl Broker {
             corr: Mutex::new(Correlation::default()),
             recorded: Mutex::new(HashSet::new()),
             probe: Mutex::new(None),
+            upstream,
+            stop: CancellationToken::new(),
         });
         tokio::spawn(event_loop(state.clone(), rx));
 
-        let step = |what: &'static str| move |e| format!("{what}: {e}");
-        conn.call(
-            "Fetch.enable",
-            json!({ "patterns": fetch_patterns(&sites) }),
-            None,
-        )
-        .await
-        .map_err(step("Fetch.enable"))?;
-        conn.call(
-            "Target.setAutoAttach",
-            json!({"autoAttach": true, "waitForDebuggerOnStart": true, "flatten": true}),
-            None,
-        )
-        .await
-        .map_err(step("Target.setAutoAttach"))?;
-
-        // The probe: a request that only an active interception can answer.
-        let nonce = hex::encode(rand::random::<[u8; 8]>());
-        let (tx, rx) = oneshot::channel();
-        *lock(&state.probe) = Some((nonce.clone(), tx));
-        let created = conn
-            .call(
-                "Target.createTarget",
-                json!({"url": format!("http://{nonce}{PROBE_SUFFIX}/"), "background": true}),
-                None,
-            )
-            .await
-            .map_err(step("the interception probe's target"))?;
-        let confirmed = tokio::time::timeout(confirm_within, rx).await;
-        if let Some(target) = created.get("targetId").and_then(Value::as_str) {
-            let _ = conn
-                .call("Target.closeTarget", json!({"targetId": target}), None)
-                .await;
+        let first_tokens = async {
+            let mut due = Vec::with_capacity(oauth_creds.len());
+            for &cred in &oauth_creds {
+                match state.refresh(cred, true).await {
+                    Ok(d) => due.push((cred, d)),
+                    Err(e) => {
+                        let id = id_of(&state, cred);
+                        return Err(format!("oauth refresh for `{id}` failed: {e}"));
+                    }
+                }
+            }
+            Ok(due)
+        };
+        let (intercepting, first_tokens) =
+            tokio::join!(state.intercept(conn, &sites, confirm_within), first_tokens);
+        let first_tokens = match (intercepting, first_tokens) {
+            (Ok(()), Ok(due)) => due,
+            (Err(e), _) | (_, Err(e)) => {
+                state.stop.cancel();
+                return Err(e);
+            }
+        };
+        for (cred, due) in first_tokens {
+            tokio::spawn(refresh_loop(
+                Arc::downgrade(&state),
+                state.stop.clone(),
+                cred,
+                due,
+            ));
         }
-        match confirmed {
-            Ok(Ok(())) => Ok(Some(Broker { state })),
-            _ => Err(format!(
-                "request interception could not be confirmed within {confirm_within:?}: the \
-                 probe request never reached the broker"
-            )),
-        }
+        Ok(Some(Broker { state }))
     }
 
     /// What the gate keeps from agents (kept current by the broker).
@@ -270,14 +291,20 @@ impl Broker {
         Some(dropped)
     }
 
-    /// Part of the purge: drops (and so zeroizes) every held value, in the vault and in the
-    /// gate's view, and stops injecting. Returns how many credentials were held.
-    pub fn purge(&self) -> usize {
+    /// Part of the purge: stops the refreshes, builds the mandate's upstream revocations from
+    /// the values still held, then drops (and so zeroizes) every held value, in the vault and
+    /// in the gate's view, and stops injecting. All under one lock, so no refresh lands in
+    /// between. The caller sends the revocations (their copies are zeroized when dropped).
+    pub fn purge(&self) -> Purged {
+        self.state.stop.cancel();
         let mut vault = lock(&self.state.vault);
-        let held = vault.credentials().len();
+        let purged = Purged {
+            credentials: vault.credentials().len(),
+            revocations: vault.revocations(),
+        };
         *vault = Vault::empty();
         self.state.held.set(crate::gate::Held::nothing(FILES_DIR));
-        held
+        purged
     }
 
     /// `host` with held values cut out, for logs and audit records.
@@ -316,6 +343,60 @@ impl Broker {
                 true
             }
             None => false,
+        }
+    }
+}
+
+impl State {
+    /// Enables browser-level Fetch for every URL (and the credential `sites`' responses),
+    /// auto-attaches every target, and proves it works with a probe request that only an
+    /// active interception can answer.
+    async fn intercept(
+        &self,
+        conn: &BrowserConn,
+        sites: &[String],
+        confirm_within: Duration,
+    ) -> Result<(), String> {
+        let step = |what: &'static str| move |e| format!("{what}: {e}");
+        conn.call(
+            "Fetch.enable",
+            json!({ "patterns": fetch_patterns(sites) }),
+            None,
+        )
+        .await
+        .map_err(step("Fetch.enable"))?;
+        conn.call(
+            "Target.setAutoAttach",
+            json!({"autoAttach": true, "waitForDebuggerOnStart": true, "flatten": true}),
+            None,
+        )
+        .await
+        .map_err(step("Target.setAutoAttach"))?;
+
+        // The probe: a request that only an active interception can answer.
+        let nonce = hex::encode(rand::random::<[u8; 8]>());
+        let (tx, rx) = oneshot::channel();
+        *lock(&self.probe) = Some((nonce.clone(), tx));
+        let created = conn
+            .call(
+                "Target.createTarget",
+                json!({"url": format!("http://{nonce}{PROBE_SUFFIX}/"), "background": true}),
+                None,
+            )
+            .await
+            .map_err(step("the interception probe's target"))?;
+        let confirmed = tokio::time::timeout(confirm_within, rx).await;
+        if let Some(target) = created.get("targetId").and_then(Value::as_str) {
+            let _ = conn
+                .call("Target.closeTarget", json!({"targetId": target}), None)
+                .await;
+        }
+        match confirmed {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(format!(
+                "request interception could not be confirmed within {confirm_within:?}: the \
+                 probe request never reached the broker"
+            )),
         }
     }
 }
@@ -700,6 +781,21 @@ impl State {
                 }
                 Action::Continue(new_headers)
             }
+            (
+                Decision::ScopeEscalation {
+                    credential,
+                    requested_extra,
+                },
+                ..,
+            ) => {
+                self.record(
+                    "credential.scope_escalation_blocked",
+                    json!({"credential": credential, "host": host,
+                           "requested_extra": requested_extra,
+                           "reason": "a request to the credential's token endpoint asked for scope beyond the grant"}),
+                );
+                Action::Fail
+            }
             (Decision::Block { headers: names }, ..) => {
                 self.record(
                     "credential.blocked",
@@ -879,6 +975,222 @@ impl State {
             );
         }
     }
+}
+
+/// When a credential's access token is due for a refresh, and when it gets too old to inject.
+#[derive(Clone, Copy, Debug)]
+struct Due {
+    refresh_at: Instant,
+    stale_at: Instant,
+    lifetime: Duration,
+}
+
+/// Why a refresh brought no token.
+#[derive(Debug)]
+enum RefreshFailure {
+    /// The credential is gone (purged or removed): stop refreshing.
+    Gone,
+    /// The token endpoint granted more scope than the mandate holds (audited as a refusal).
+    Rejected(String),
+    /// Any other failure.
+    Failed(String),
+}
+
+impl std::fmt::Display for RefreshFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RefreshFailure::Gone => f.write_str("the credential is no longer held"),
+            RefreshFailure::Rejected(e) | RefreshFailure::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl State {
+    /// One refresh of credential `cred`'s access token: the grant with the mandate's scope, a
+    /// check that the answer grants no more (AG-120 4.3), then the new token in force and
+    /// audited by fingerprint (AG-120 4.6).
+    async fn refresh(&self, cred: usize, initial: bool) -> Result<Due, RefreshFailure> {
+        let Some(m) = lock(&self.vault).refresh_material(cred) else {
+            return Err(RefreshFailure::Gone);
+        };
+        let upstream = self
+            .upstream
+            .as_ref()
+            .ok_or_else(|| RefreshFailure::Failed("no upstream client".into()))?;
+        let host = m.endpoint.host_str().unwrap_or_default().to_string();
+        let grant = oauth::exchange(upstream, &m.endpoint, &m.form)
+            .await
+            .map_err(|e| RefreshFailure::Failed(e.to_string()))?;
+        let granted = grant.scope.clone().unwrap_or_else(|| m.scope.clone());
+        let extra = oauth::beyond(&granted, &m.scope);
+        if !extra.is_empty() {
+            let (token, extra) = {
+                let vault = lock(&self.vault);
+                let token = vault.fingerprint(grant.access_token.expose_secret());
+                (token, oauth::shown(vault.detector_for(None), extra))
+            };
+            self.record(
+                "credential.refresh_rejected",
+                json!({"credential": m.credential, "host": host, "token": token,
+                       "granted_extra": extra, "scope": m.scope.join(" "),
+                       "reason": "the token endpoint granted scope beyond the mandate's; the token was not used"}),
+            );
+            return Err(RefreshFailure::Rejected(format!(
+                "the token endpoint granted scope beyond the mandate's ({}); the token was not used",
+                extra.join(" ")
+            )));
+        }
+        crate::mandate::check_secret("access_token", grant.access_token.expose_secret(), false)
+            .map_err(|e| {
+                RefreshFailure::Failed(format!("the token endpoint's access token {}", e.message))
+            })?;
+        if let Some(rt) = &grant.refresh_token {
+            crate::mandate::check_secret("refresh_token", rt.expose_secret(), false).map_err(
+                |e| {
+                    RefreshFailure::Failed(format!(
+                        "the token endpoint's rotated refresh token {}",
+                        e.message
+                    ))
+                },
+            )?;
+        }
+        let expires_in = grant.expires_in;
+        let rotated = grant.refresh_token.is_some();
+        let token = {
+            let mut vault = lock(&self.vault);
+            let token = vault.set_access_token(
+                cred,
+                grant.access_token,
+                expires_in.map(Duration::from_secs),
+                granted.clone(),
+                grant.refresh_token,
+            );
+            if token.is_some() {
+                self.held.set(vault.held(FILES_DIR));
+            }
+            token
+        };
+        let Some(token) = token else {
+            return Err(RefreshFailure::Gone);
+        };
+        self.record(
+            "credential.refreshed",
+            json!({"credential": m.credential, "host": host, "token": token,
+                   "expires_in": expires_in, "scope": granted.join(" "),
+                   "initial": initial, "refresh_token_rotated": rotated}),
+        );
+        // A token the server says lives 0 s is still given a second, so a refresh loop can
+        // never spin.
+        let lifetime = expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(m.max_age)
+            .min(m.max_age)
+            .max(Duration::from_secs(1));
+        let now = Instant::now();
+        Ok(Due {
+            refresh_at: now + lifetime.mul_f64(0.8),
+            stale_at: now + lifetime,
+            lifetime,
+        })
+    }
+
+    /// Audits a failed refresh of credential `cred`; with `stale` (its token got older than it
+    /// may without a refresh), first stops injecting the token.
+    fn refresh_failed(&self, cred: usize, error: &str, attempts: u32, stale: bool) {
+        let (id, host, stopped) = {
+            let mut vault = lock(&self.vault);
+            let Some(c) = vault.credentials().get(cred) else {
+                return;
+            };
+            let id = c.id.clone();
+            let host = c
+                .oauth()
+                .and_then(|o| o.endpoint().host_str())
+                .unwrap_or_default()
+                .to_string();
+            let stopped = stale && vault.expire_access_token(cred);
+            if stopped {
+                self.held.set(vault.held(FILES_DIR));
+            }
+            (id, host, stopped)
+        };
+        if stopped {
+            tracing::warn!(credential = %id, error, "an access token got older than max_token_age_secs without a refresh; it is no longer injected");
+        }
+        self.record(
+            "credential.refresh_failed",
+            json!({"credential": id, "host": host, "error": error, "attempts": attempts,
+                   "stopped_injecting": stopped}),
+        );
+    }
+}
+
+/// Keeps credential `cred`'s access token fresh until the purge: refreshes at `due`, retries
+/// with backoff, and stops injecting a token that outlived its age without a refresh (each
+/// attempt is bounded by `upstream.timeout`, and a hung one does not delay that).
+async fn refresh_loop(state: Weak<State>, stop: CancellationToken, cred: usize, mut due: Due) {
+    let mut failures: u32 = 0;
+    let mut stale = false;
+    let mut next = due.refresh_at;
+    let id = match state.upgrade() {
+        Some(s) => id_of(&s, cred),
+        None => return,
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+        let Some(s) = state.upgrade() else { return };
+        let attempt = s.refresh(cred, false);
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                r = &mut attempt => break r,
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(due.stale_at.into()), if !stale => {
+                    stale = true;
+                    s.refresh_failed(cred, "no refresh completed before the token got too old", failures + 1, true);
+                }
+            }
+        };
+        match result {
+            Ok(d) => {
+                due = d;
+                next = d.refresh_at;
+                failures = 0;
+                stale = false;
+            }
+            Err(RefreshFailure::Gone) => return,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(credential = %id, attempt = failures, error = %e, "an OAuth refresh failed; retrying");
+                let now_stale = !stale && Instant::now() >= due.stale_at;
+                // A rejection is audited as such; a failure of a token already stale was.
+                if now_stale || (matches!(e, RefreshFailure::Failed(_)) && !stale) {
+                    s.refresh_failed(cred, &e.to_string(), failures, now_stale);
+                }
+                stale |= now_stale;
+                next = Instant::now() + backoff(due.lifetime, failures);
+            }
+        }
+    }
+}
+
+fn id_of(s: &State, cred: usize) -> String {
+    lock(&s.vault)
+        .credentials()
+        .get(cred)
+        .map(|c| c.id.clone())
+        .unwrap_or_default()
+}
+
+/// The wait before retry `failures`: from an eighth of the token's lifetime (within 250 ms and
+/// 2 s), doubling, at most a minute.
+fn backoff(lifetime: Duration, failures: u32) -> Duration {
+    let base = (lifetime / 8).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    base.saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(Duration::from_secs(60))
 }
 
 /// `host` with held values cut out. A value split across labels or percent-encoded cannot be

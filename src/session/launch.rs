@@ -183,6 +183,23 @@ async fn launch(
         reg: reg.clone(),
         session: session.clone(),
     });
+    let needs_upstream = mandate
+        .source
+        .credentials
+        .iter()
+        .any(|c| c.oauth.is_some() || c.revoke.is_some());
+    let upstream = match &reg.upstream {
+        Ok(u) => Some(u.clone()),
+        Err(e) if needs_upstream => {
+            return Err(with(
+                format!(
+                "credential broker: the mandate's oauth/revoke calls need the upstream client: {e}"
+            ),
+                handle,
+            ))
+        }
+        Err(_) => None,
+    };
     let first = async {
         tokio::join!(
             conn.execute(GetVersionParams::default(), None),
@@ -198,6 +215,7 @@ async fn launch(
                 ),
                 reg.fingerprints.clone(),
                 broker_events,
+                upstream,
                 cfg.browser.launch_timeout,
             )
         )
@@ -257,6 +275,7 @@ const REFUSALS: &[&str] = &[
     "credential.blocked",
     "credential.exfiltration_blocked",
     "credential.scope_escalation_blocked",
+    "credential.refresh_rejected",
 ];
 
 /// Audits the broker's decisions and ends the session when it catches a leak.
@@ -404,7 +423,8 @@ async fn end(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    let credentials_zeroized = broker.map_or(0, |b| b.purge());
+    let purged = broker.map(|b| b.purge()).unwrap_or_default();
+    let credentials_zeroized = purged.credentials;
     session
         .credentials
         .lock()
@@ -417,10 +437,43 @@ async fn end(
         })
         .inc();
 
-    let verified = match handle {
-        Some(h) => purge(h).await,
-        None => Ok(json!({"processes_left": 0, "note": "no sandbox was started"})),
+    // The mandate's upstream revocations (AG-120 4.5) go out while the sandbox is killed: the
+    // values they carry were copied out before the purge and are zeroized once sent, and the
+    // kill does not wait for them.
+    let revoking = async {
+        let revocations = purged.revocations;
+        match &reg.upstream {
+            _ if revocations.is_empty() => Vec::new(),
+            Ok(u) => u.revoke_all(revocations).await,
+            Err(e) => revocations
+                .iter()
+                .map(|r| crate::broker::upstream::Revoked::not_sent(r, e))
+                .collect(),
+        }
     };
+    let killing = async {
+        match handle {
+            Some(h) => purge(h).await,
+            None => Ok(json!({"processes_left": 0, "note": "no sandbox was started"})),
+        }
+    };
+    let (verified, revoked) = tokio::join!(killing, revoking);
+    for r in &revoked {
+        if !r.ok() {
+            tracing::warn!(session = %session.id, credential = %r.credential, error = r.error.as_deref().unwrap_or(""), "upstream revocation failed");
+        }
+        if let Err(e) = reg
+            .audit
+            .record(
+                "credential.revoked_upstream",
+                Some(&session.id),
+                r.audit_fields(),
+            )
+            .await
+        {
+            tracing::error!(session = %session.id, error = %e, "could not record an upstream revocation");
+        }
+    }
     match verified {
         Ok(mut facts) => {
             facts["credentials_zeroized"] = credentials_zeroized.into();

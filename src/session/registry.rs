@@ -56,6 +56,9 @@ pub struct Registry {
     pub(super) metrics: Arc<Metrics>,
     /// Keys the fingerprints that name held values in audit records; random per supervisor.
     pub(super) fingerprints: crate::vault::FingerprintKey,
+    /// The supervisor's client for OAuth refreshes and upstream revocations (`[upstream]`),
+    /// or why it could not be built (then sessions that need it are refused).
+    pub(super) upstream: Result<crate::broker::upstream::Upstream, String>,
     urls: AgentUrls,
     inner: Mutex<Inner>,
     tasks: TaskTracker,
@@ -75,11 +78,17 @@ struct Inner {
 impl Registry {
     /// A registry for this config, writing to `audit`.
     pub fn new(cfg: Arc<Config>, audit: Audit, metrics: Arc<Metrics>, urls: AgentUrls) -> Self {
+        let upstream =
+            crate::broker::upstream::Upstream::new(&cfg.upstream).map_err(|e| e.to_string());
+        if let Err(e) = &upstream {
+            tracing::error!(error = %e, "no upstream client: sessions with `oauth` or `revoke` credentials will be refused");
+        }
         Registry {
             cfg,
             audit,
             metrics,
             fingerprints: crate::vault::FingerprintKey::random(),
+            upstream,
             urls,
             inner: Mutex::new(Inner::default()),
             tasks: TaskTracker::new(),

@@ -144,7 +144,7 @@ impl Reply {
     }
 }
 
-type Handler = Arc<dyn Fn(&Request) -> Reply + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&Request) -> Reply + Send + Sync>;
 
 /// A server on 127.0.0.1 that records everything it receives.
 pub struct Server {
@@ -159,7 +159,8 @@ pub struct Server {
 }
 
 impl Server {
-    fn serve(listener: TcpListener, handler: Handler) -> Server {
+    /// Serves `handler` on `listener`, recording everything.
+    pub fn serve(listener: TcpListener, handler: Handler) -> Server {
         let addr = listener.local_addr().unwrap();
         let server = Server {
             addr,
@@ -490,13 +491,18 @@ fn percent_decoded(h: &[u8]) -> Vec<u8> {
 
 /// Which secrets `hay` contains, and how ("SECRET-… as base64 (alignment 1)").
 pub fn secrets_in(hay: &[u8]) -> Vec<String> {
+    values_in(hay, secrets())
+}
+
+/// Which of `values` `hay` contains, in any of the forms [`secrets_in`] looks for.
+pub fn values_in<S: AsRef<str>>(hay: &[u8], values: &[S]) -> Vec<String> {
     let decoded = percent_decoded(hay);
     let lower: Vec<Vec<u8>> = [hay, &decoded[..]]
         .iter()
         .map(|h| h.to_ascii_lowercase())
         .collect();
     let mut found = Vec::new();
-    for s in secrets() {
+    for s in values.iter().map(AsRef::as_ref) {
         for (what, needle, fold) in forms(s) {
             let hit = if fold {
                 let n = needle.to_ascii_lowercase();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bank;
+pub mod oauth;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
