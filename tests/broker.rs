@@ -86,6 +86,19 @@ fn first_party_requests_arrive_authenticated_and_nothing_else_does() {
     assert_eq!(injected["credential"], "bank");
     assert_eq!(injected["tokens"].as_array().unwrap().len(), 2);
     assert!(injected["tokens"][0].as_str().unwrap().starts_with("fp:"));
+    // What was sent is named by the identifiers the session was given at its start.
+    let loaded = sup.wait_audit("credential.loaded", |r| {
+        r["event"] == "credential.loaded" && r["credential"] == "bank"
+    });
+    assert_eq!(loaded["site"], "bank.test");
+    let loaded_tokens = loaded["tokens"].as_array().unwrap();
+    assert_eq!(loaded_tokens.len(), 2, "{loaded}");
+    for t in injected["tokens"].as_array().unwrap() {
+        assert!(
+            loaded_tokens.contains(t),
+            "{t} was sent but never loaded: {loaded}"
+        );
+    }
     sup.wait_audit("credential.withheld", |r| {
         r["event"] == "credential.withheld" && r["host"] == "bank.test"
     });

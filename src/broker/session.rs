@@ -266,6 +266,18 @@ impl Broker {
                 due,
             ));
         }
+        // AG-120 4.6, creation: what the session holds from its start, by token identifier.
+        let loaded: Vec<(String, String, Vec<String>)> = lock(&state.vault)
+            .credentials()
+            .iter()
+            .map(|c| (c.id.clone(), c.site.clone(), c.token_ids()))
+            .collect();
+        for (credential, site, tokens) in loaded {
+            state.events.record(
+                "credential.loaded",
+                json!({ "credential": credential, "site": site, "tokens": tokens }),
+            );
+        }
         Ok(Some(Broker { state }))
     }
 

@@ -435,6 +435,19 @@ impl Session {
                 "allowed_initiators": c.allowed_initiators,
                 "cookies": c.cookies.iter().map(|k| &k.name).collect::<Vec<_>>(),
                 "headers": c.headers.keys().collect::<Vec<_>>(),
+                "oauth": c.oauth.as_ref().map(|o| serde_json::json!({
+                    "token_endpoint": o.token_endpoint,
+                    "client_id": o.client_id,
+                    "scope": o.scope,
+                    "max_token_age_secs": o.max_token_age_secs
+                        .unwrap_or(crate::mandate::DEFAULT_MAX_TOKEN_AGE_SECS),
+                    "header": o.header.as_deref().unwrap_or("Authorization"),
+                })),
+                "revoke": c.revoke.as_ref().map(|r| serde_json::json!({
+                    "url": r.url,
+                    "method": r.method(),
+                    "form": r.form.keys().collect::<Vec<_>>(),
+                })),
             })).collect::<Vec<_>>(),
             "unlisted_credentials": m.source.unlisted_credentials,
             "on_leak": m.source.on_leak,

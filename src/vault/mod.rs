@@ -224,6 +224,18 @@ impl HeldCredential {
         &self.jar
     }
 
+    /// The fingerprints of every value held for this credential (its token identifiers in
+    /// the audit log), without duplicates.
+    pub fn token_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .secrets()
+            .map(|s| s.fingerprint().to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// Every value held for this credential.
     fn secrets(&self) -> impl Iterator<Item = &Secret> {
         self.headers
