@@ -330,6 +330,7 @@ pub fn oauth_mandate(oauth: &OAuthServer, max_token_age_secs: u64) -> serde_json
         "egress": {
             "allow": ["bank.test", "localhost"],
             "private_networks": ["127.0.0.0/8"],
+            "ports": ["1024-65535"],
             "hosts": {"bank.test": "127.0.0.1", "localhost": "127.0.0.1"},
         },
         "on_leak": "block",
