@@ -310,7 +310,7 @@ fn ag120_4_3_narrowing_egress_holds_from_the_next_request() {
     rt().block_on(async {
         let mut c = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
         let p = c.open_page(&url_b).await;
-        assert_eq!(b.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(b.seen().contains("GET / "), "{}", b.seen());
 
         let (status, view) = patch_now(
             &sup,
@@ -324,11 +324,12 @@ fn ag120_4_3_narrowing_egress_holds_from_the_next_request() {
         assert_eq!(view["changes"][0]["field"], "egress.allow");
         assert_eq!(view["changes"][0]["widened"], false);
 
-        // The same page, the same browser, its kept-alive proxy connection: refused.
+        // The same page, the same browser, its kept-alive proxy connection: refused. (The
+        // first load's favicon request may still reach b.test around the change, so the
+        // check is on the request made after it.)
         c.navigate(&p, &format!("{url_b}again")).await;
-        assert_eq!(
-            b.hits.load(std::sync::atomic::Ordering::SeqCst),
-            1,
+        assert!(
+            !b.seen().contains("GET /again"),
             "b.test got a request after the mandate dropped it:\n{}",
             b.seen()
         );
