@@ -102,6 +102,45 @@ impl Request {
     }
 }
 
+/// A request head as the fixtures' servers read it.
+pub struct Head {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    /// From `Content-Length`; 0 without one.
+    pub body_len: usize,
+}
+
+/// Parses a complete request head (up to and including the blank line).
+pub fn parse_head(head: &[u8]) -> Option<Head> {
+    let mut hdrs = [httparse::EMPTY_HEADER; 96];
+    let mut parsed = httparse::Request::new(&mut hdrs);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let body_len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    Some(Head {
+        method: parsed.method.unwrap_or("").to_string(),
+        target: parsed.path.unwrap_or("").to_string(),
+        headers,
+        body_len,
+    })
+}
+
 /// What a handler answers.
 pub enum Reply {
     Http {
@@ -283,31 +322,15 @@ impl Conn {
                     return;
                 }
             };
-            let mut hdrs = [httparse::EMPTY_HEADER; 96];
-            let mut parsed = httparse::Request::new(&mut hdrs);
-            if !matches!(
-                parsed.parse(&self.buf[..head_end]),
-                Ok(httparse::Status::Complete(_))
-            ) {
+            let Some(Head {
+                method,
+                target,
+                headers,
+                body_len: len,
+            }) = parse_head(&self.buf[..head_end])
+            else {
                 return;
-            }
-            let method = parsed.method.unwrap_or("").to_string();
-            let target = parsed.path.unwrap_or("").to_string();
-            let headers: Vec<(String, String)> = parsed
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_string(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
-            let len = headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
+            };
             if !self.fill(&mut s, head_end + len) {
                 return;
             }

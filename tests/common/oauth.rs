@@ -197,27 +197,15 @@ fn serve_one(s: &mut (impl Read + Write), st: &Mutex<OAuthState>) -> bool {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    let head = buf[..head_end].to_vec();
-    let mut hdrs = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Request::new(&mut hdrs);
-    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
+    let Some(super::bank::Head {
+        method,
+        target,
+        headers,
+        body_len: len,
+    }) = super::bank::parse_head(&buf[..head_end])
+    else {
         return false;
-    }
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_string(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let len = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
+    };
     while buf.len() < head_end + len {
         match s.read(&mut chunk) {
             Ok(0) | Err(_) => return false,
@@ -225,8 +213,8 @@ fn serve_one(s: &mut (impl Read + Write), st: &Mutex<OAuthState>) -> bool {
         }
     }
     let req = Request {
-        method: parsed.method.unwrap_or("").to_string(),
-        target: parsed.path.unwrap_or("").to_string(),
+        method,
+        target,
         headers,
         body: buf[head_end..head_end + len].to_vec(),
     };
