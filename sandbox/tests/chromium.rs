@@ -530,11 +530,29 @@ fn check_posture(launched: &Launched, expected_host_uid: Option<u32>) {
         }
         if pid != launched.launcher_pid && pid != launched.init_pid {
             let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            if !launched.cgroups.is_empty() && !cgroup.is_empty() {
-                assert!(
-                    cgroup.contains(&format!("/chaperone/{session}\n")),
-                    "cgroup of {pid}: {cgroup}"
-                );
+            // An exiting process leaves its cgroups early in its exit, while it still shows as
+            // running (it then shows the root everywhere); it is a zombie or gone moments
+            // later. Only a process that stays alive outside the session's cgroup escaped.
+            let exiting = || {
+                (0..100).any(|_| {
+                    let ended =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+                            st.rsplit(')')
+                                .next()
+                                .and_then(|rest| rest.trim_start().chars().next())
+                                .is_some_and(|state| matches!(state, 'Z' | 'X'))
+                        });
+                    if !ended {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    ended
+                })
+            };
+            if !launched.cgroups.is_empty()
+                && !cgroup.is_empty()
+                && !cgroup.contains(&format!("/chaperone/{session}\n"))
+            {
+                assert!(exiting(), "cgroup of {pid}: {cgroup}");
             }
         }
     }
