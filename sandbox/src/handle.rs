@@ -51,6 +51,9 @@ pub struct Launched {
     pub pidfd: OwnedFd,
     /// pidfd of the namespace init, so a kill can never hit a recycled pid.
     pub init_pidfd: OwnedFd,
+    /// The session's user and pid namespaces, held open so that their ids stay theirs until
+    /// the purge check is done (a freed namespace's inode number is reused at once).
+    pub ns_pins: Vec<OwnedFd>,
     exit: OnceLock<i32>,
 }
 
@@ -115,6 +118,8 @@ pub struct Handle {
     pub cgroups: Vec<PathBuf>,
     pidfd: std::sync::Arc<OwnedFd>,
     init_pidfd: std::sync::Arc<OwnedFd>,
+    /// See [`Launched::ns_pins`]; held, never read, released with the last clone.
+    _ns_pins: std::sync::Arc<Vec<OwnedFd>>,
     exit: std::sync::Arc<OnceLock<i32>>,
 }
 
@@ -134,6 +139,7 @@ impl Launched {
                 cgroups: self.cgroups,
                 pidfd: std::sync::Arc::new(self.pidfd),
                 init_pidfd: std::sync::Arc::new(self.init_pidfd),
+                _ns_pins: std::sync::Arc::new(self.ns_pins),
                 exit: std::sync::Arc::new(exit),
             },
             BrowserIo {
@@ -282,9 +288,9 @@ fn collect(sock: &OwnedFd, deadline: Instant) -> Result<Collected, Error> {
                 cgroups,
             } => {
                 got.cgroups = cgroups;
-                if fds.len() != 3 {
+                if fds.len() != 5 {
                     return Err(Error::Protocol(format!(
-                        "`Started` carried {} descriptors instead of 3",
+                        "`Started` carried {} descriptors instead of 5",
                         fds.len()
                     )));
                 }
@@ -382,8 +388,13 @@ pub fn launch(spec: &Spec) -> Result<Launched, Error> {
         }
     })?;
     let mut fds = fds.into_iter();
-    let (Some(cdp_to_browser), Some(cdp_from_browser), Some(init_pidfd)) =
-        (fds.next(), fds.next(), fds.next())
+    let (
+        Some(cdp_to_browser),
+        Some(cdp_from_browser),
+        Some(init_pidfd),
+        Some(user_pin),
+        Some(pid_pin),
+    ) = (fds.next(), fds.next(), fds.next(), fds.next(), fds.next())
     else {
         abandon(&pidfd, &cgroups);
         return Err(Error::Protocol("launcher descriptors missing".into()));
@@ -400,6 +411,7 @@ pub fn launch(spec: &Spec) -> Result<Launched, Error> {
         cgroups,
         pidfd,
         init_pidfd,
+        ns_pins: vec![user_pin, pid_pin],
         exit: OnceLock::new(),
     })
 }

@@ -339,6 +339,29 @@ fn host_side(
             return Err(error);
         }
     };
+    // The session's user and pid namespaces, held open by the caller until its purge check
+    // is done: a namespace's inode number is reused as soon as it is freed, so without these
+    // the check could mistake a newer session's processes for this one's.
+    let pins = ["user", "pid_for_children"].map(|name| {
+        nix::fcntl::openat(
+            &ns_dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| Error::ReadNamespace {
+            path: std::path::Path::new("/proc/self/ns").join(name),
+            cause: e.into(),
+        })
+    });
+    let [Ok(user_pin), Ok(pid_pin)] = pins else {
+        *status = Some(status_fd);
+        let [a, b] = pins;
+        return Err(a
+            .and(b)
+            .err()
+            .unwrap_or(Error::Protocol("namespace pins".into())));
+    };
     let started = Report::Started {
         init_pid: init.as_raw(),
         ns,
@@ -352,6 +375,8 @@ fn host_side(
             to_browser.as_raw_fd(),
             from_browser.as_raw_fd(),
             init_pidfd.as_raw_fd(),
+            user_pin.as_raw_fd(),
+            pid_pin.as_raw_fd(),
         ],
     );
     if let Err(error) = sent {

@@ -155,14 +155,6 @@ fn open_ns(pid_dir: &Path, kind: &str) -> Option<OwnedFd> {
 
 /// Whether the process at `/proc/<pid>` belongs to the session with namespaces `ns`.
 fn belongs(pid_dir: &Path, ns: &NsIds) -> bool {
-    let same = |kind: &str, target: u64| {
-        fs::metadata(pid_dir.join("ns").join(kind))
-            .map(|m| m.ino() == target)
-            .unwrap_or(false)
-    };
-    if same("mnt", ns.mnt) || same("net", ns.net) {
-        return true;
-    }
     if open_ns(pid_dir, "pid").is_some_and(|fd| descends_from(fd, ns.pid)) {
         return true;
     }
@@ -183,8 +175,13 @@ fn is_zombie(pid_dir: &Path) -> bool {
         .is_some_and(|s| s == 'Z' || s == 'X')
 }
 
-/// Every live host pid whose pid or user namespace is the session's (or nested below it), or
-/// whose mount or network namespace is the session's. Empty means the session is gone.
+/// Every live host pid whose pid or user namespace is the session's (or nested below it).
+/// Every process of a session is in its user namespace or one nested below (none can leave
+/// it for an ancestor), so this finds them all. Mount and network namespaces are not
+/// compared: their ids are only meaningful while they exist, and the caller keeps only the
+/// user and pid namespaces alive (the handle's pins) until its check is done, so a newer
+/// session that got a freed id is never mistaken for this one. Empty means the session is
+/// gone.
 /// Zombies are not counted: they run nothing and hold no namespace but their credentials
 /// (the launcher stays one until its parent reaps it). Processes the caller may not inspect
 /// (other users, without root) are not seen.

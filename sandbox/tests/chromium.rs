@@ -761,6 +761,64 @@ fn sandbox_outlives_the_thread_that_launched_it() {
     wait_gone(&launched);
 }
 
+/// A purge check that runs while the next session starts must not mistake the new session
+/// for the old one: the old one's namespace ids stay its own while its handle lives, although
+/// the kernel reuses a freed namespace's id at once.
+fn a_purged_sandboxs_ids_are_not_reused_while_its_handle_lives() {
+    // As the supervisor does: the browser's pipes and the proxy listener (which would keep
+    // the network namespace, and with it the user namespace, alive) are gone by the time the
+    // purge is checked; only the handle is left.
+    let launched = launch(&echo_spec(&unique("old"), 201402)).unwrap();
+    // The handle holds the session's user and pid namespaces themselves, not just their ids.
+    let pinned: Vec<u64> = launched
+        .ns_pins
+        .iter()
+        .map(|fd| nix::sys::stat::fstat(fd).unwrap().st_ino)
+        .collect();
+    assert_eq!(pinned, [launched.ns.user, launched.ns.pid]);
+    let (old, io) = launched.into_parts();
+    drop(io);
+    let old_ns = old.ns;
+    old.kill().unwrap();
+    assert!(old.wait_exit(PATIENCE), "the old launcher did not exit");
+    let deadline = Instant::now() + PATIENCE;
+    while !processes_in(&old_ns).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the old sandbox survived its kill"
+        );
+        let _ = old.reap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The kernel hands a freed namespace's id to the next namespace it creates (not always at
+    // once: it frees them from deferred work); the pins make that impossible while the old
+    // handle lives.
+    let newer: Vec<Launched> = (0..3)
+        .map(|i| launch(&echo_spec(&unique("new"), 201403 + i)).unwrap())
+        .collect();
+    for n in &newer {
+        assert_eq!(round_trip(n, "ping"), "echo:ping");
+        assert_ne!(
+            n.ns.user, old_ns.user,
+            "a newer sandbox got the old user namespace id"
+        );
+        assert_ne!(
+            n.ns.pid, old_ns.pid,
+            "a newer sandbox got the old pid namespace id"
+        );
+    }
+    assert_eq!(
+        processes_in(&old_ns),
+        Vec::<i32>::new(),
+        "the old sandbox's check saw the newer sandboxes' processes"
+    );
+    for n in &newer {
+        n.kill().unwrap();
+        wait_gone(n);
+    }
+    drop(old);
+}
+
 const ROLE_ENV: &str = "CHAPERONE_SANDBOX_TEST_ROLE";
 
 /// Child role: launch a sandbox, print its namespace ids and cgroups, then wait to be killed.
@@ -840,6 +898,10 @@ fn main() {
         (
             "chromium_runs_fully_isolated_and_is_purged",
             chromium_runs_fully_isolated_and_is_purged,
+        ),
+        (
+            "a_purged_sandboxs_ids_are_not_reused_while_its_handle_lives",
+            a_purged_sandboxs_ids_are_not_reused_while_its_handle_lives,
         ),
     ];
     let filters: Vec<String> = std::env::args()
