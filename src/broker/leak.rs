@@ -87,11 +87,15 @@ impl LeakDetector {
                 return None;
             }
             // A DFA: the pattern sets are small (a few dozen) and every request is scanned, so
-            // the fastest search is worth its memory.
+            // the fastest search is worth its memory. No prefilter for the case-insensitive
+            // set: its candidate bytes (letters and digits in both cases) are so common in
+            // ordinary requests that it stops everywhere, and the plain DFA is faster
+            // (measured with the decision benchmark).
             AhoCorasickBuilder::new()
                 .ascii_case_insensitive(case_insensitive)
                 .match_kind(MatchKind::Standard)
                 .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .prefilter(!case_insensitive)
                 .build(pats)
                 .ok()
         };
