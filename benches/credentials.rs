@@ -115,25 +115,12 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> anyhow::Result<Settings> {
-        let num = |name: &str, default: u64| -> anyhow::Result<u64> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .parse()
-                    .with_context(|| format!("{name}={v:?}: expected a whole number")),
-                Err(_) => Ok(default),
-            }
-        };
-        let runs = num("BENCH_RUNS", 10)? as usize;
-        if runs < 1 {
-            bail!("BENCH_RUNS must be at least 1");
-        }
+        let runs = env_runs()?;
         Ok(Settings {
             runs,
-            batches: num("BENCH_DECIDE_BATCHES", 200)?.max(1) as usize,
-            calls: num("BENCH_DECIDE_CALLS", 1000)?.max(1) as usize,
-            out: std::env::var_os("BENCH_OUT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md")),
+            batches: env_num("BENCH_DECIDE_BATCHES", 200)?.max(1) as usize,
+            calls: env_num("BENCH_DECIDE_CALLS", 1000)?.max(1) as usize,
+            out: env_out(),
         })
     }
 }

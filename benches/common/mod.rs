@@ -88,6 +88,32 @@ pub fn wait_gone(pids: &[i32]) -> anyhow::Result<()> {
     }
 }
 
+/// A whole number from the environment variable `name`, or `default` when it is unset.
+pub fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name}={v:?}: expected a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// `BENCH_RUNS` (default 10, at least 1): runs per side in both programs.
+pub fn env_runs() -> anyhow::Result<usize> {
+    let runs = env_num("BENCH_RUNS", 10)? as usize;
+    if runs < 1 {
+        bail!("BENCH_RUNS must be at least 1");
+    }
+    Ok(runs)
+}
+
+/// `BENCH_OUT`, or BENCHMARKS.md at the repository root.
+pub fn env_out() -> std::path::PathBuf {
+    std::env::var_os("BENCH_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md"))
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
