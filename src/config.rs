@@ -107,7 +107,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// TLS for the agent endpoint.
+/// `[tls]`: TLS for the agent endpoint, and whether agents must present a client certificate.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -115,6 +115,49 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// Whether the endpoint asks agents for a client certificate. Default `"none"`: it never
+    /// asks. Without `client_ca`, any certificate is accepted at the handshake once the client
+    /// has proven it holds the certificate's private key; which certificate may use a session
+    /// is decided by the session's mandate, which pins it by SHA-256.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// PEM roots that client certificates must chain to; a certificate that does not fails the
+    /// handshake. Default none: no chain is required (the mandate's pin decides). Needs
+    /// `client_auth` `"optional"` or `"required"`.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `tls.client_auth`: whether the agent endpoint asks for a client certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Never asks (the default).
+    #[default]
+    None,
+    /// Asks; a client without a certificate still connects, one with a certificate must prove
+    /// it holds the key.
+    Optional,
+    /// Asks; a client without a certificate fails the TLS handshake.
+    Required,
+}
+
+impl TlsConfig {
+    /// Checks the client-certificate fields and reads `client_ca`.
+    fn check(&self) -> Result<(), String> {
+        let Some(ca) = &self.client_ca else {
+            return Ok(());
+        };
+        if self.client_auth == ClientAuth::None {
+            return Err(format!(
+                "tls.client_ca: {} is set but client certificates are not requested; set \
+                 tls.client_auth = \"optional\" or \"required\", or remove client_ca",
+                ca.display()
+            ));
+        }
+        crate::tls::read_client_ca(ca)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// `[audit]`: keying and rotation of the audit log.
@@ -302,6 +345,9 @@ impl Config {
             crate::broker::upstream::read_roots(ca)
                 .map_err(|e| format!("upstream.ca_file: {e}"))?;
         }
+        if let Some(tls) = &self.tls {
+            tls.check()?;
+        }
         Ok(())
     }
 
@@ -414,6 +460,72 @@ mod tests {
             e.contains("upstream.ca_file") && e.contains("no certificate"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tls_section_reads_client_auth_and_client_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let tls = "[tls]\ncert = \"/etc/c.pem\"\nkey = \"/etc/k.pem\"\n";
+        std::fs::write(&p, tls).unwrap();
+        let c = Config::load(&p).unwrap().tls.unwrap();
+        assert_eq!((c.client_auth, c.client_ca), (ClientAuth::None, None));
+        for (extra, auth) in [
+            ("client_auth = \"optional\"\n", ClientAuth::Optional),
+            ("client_auth = \"required\"\n", ClientAuth::Required),
+        ] {
+            std::fs::write(&p, format!("{tls}{extra}")).unwrap();
+            assert_eq!(Config::load(&p).unwrap().tls.unwrap().client_auth, auth);
+            std::fs::write(
+                &p,
+                format!("{tls}{extra}client_ca = \"{}\"\n", ca.display()),
+            )
+            .unwrap();
+            let c = Config::load(&p).unwrap().tls.unwrap();
+            assert_eq!(c.client_ca.as_deref(), Some(ca.as_path()));
+        }
+        let bad_ca = dir.path().join("bad.pem");
+        std::fs::write(&bad_ca, "not a certificate").unwrap();
+        for (text, wanted) in [
+            // client_ca while client certificates are not asked for.
+            (
+                format!("{tls}client_ca = \"{}\"\n", ca.display()),
+                "tls.client_ca: ",
+            ),
+            (
+                format!(
+                    "{tls}client_auth = \"none\"\nclient_ca = \"{}\"\n",
+                    ca.display()
+                ),
+                "client_auth = \"optional\" or \"required\"",
+            ),
+            (
+                format!(
+                    "{tls}client_auth = \"required\"\nclient_ca = \"{}\"\n",
+                    bad_ca.display()
+                ),
+                "tls.client_ca: ",
+            ),
+            (
+                format!("{tls}client_auth = \"required\"\nclient_ca = \"/nonexistent.pem\"\n"),
+                "tls.client_ca: cannot read /nonexistent.pem",
+            ),
+            (format!("{tls}client_auth = \"always\"\n"), "line 4"),
+            (format!("{tls}client_cert = \"x\"\n"), "client_cert"),
+            // Client authentication without a server certificate and key.
+            ("[tls]\nclient_auth = \"required\"\n".into(), "`cert`"),
+            (
+                "[tls]\ncert = \"/etc/c.pem\"\nclient_auth = \"optional\"\n".into(),
+                "`key`",
+            ),
+        ] {
+            std::fs::write(&p, &text).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(wanted), "{text}: {e}");
+        }
     }
 
     #[test]

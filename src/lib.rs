@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod schedule;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod vault;

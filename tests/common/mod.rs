@@ -551,3 +551,158 @@ pub fn wait_gone(pids: &[i32]) -> Vec<i32> {
     }
     pids.iter().copied().filter(|p| alive(*p)).collect()
 }
+
+/// A self-signed client certificate with common name `cn`: (certificate PEM, key PEM,
+/// lowercase hex SHA-256 of the certificate's DER, the form in which mandates pin it).
+pub fn make_client_cert(cn: &str) -> (String, String, String) {
+    use sha2::Digest;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).unwrap();
+    let fingerprint = hex::encode(sha2::Sha256::digest(cert.der()));
+    (cert.pem(), key.serialize_pem(), fingerprint)
+}
+
+/// A rustls client that trusts `ca_pem` and, when the server asks, presents `client`
+/// (certificate PEM, key PEM).
+pub fn tls_client_config(
+    ca_pem: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &*ca_pem) {
+        roots
+            .add(cert.map_err(|e| format!("CA PEM: {e}"))?)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let Some((cert_pem, key_pem)) = client else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = rustls_pemfile::certs(&mut &*cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("client certificate PEM: {e}"))?;
+    let key = rustls_pemfile::private_key(&mut &*key_pem)
+        .map_err(|e| format!("client key PEM: {e}"))?
+        .ok_or("client key PEM holds no key")?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("client certificate: {e}"))
+}
+
+/// A TLS connection to the host and port of `url` (`https://…` or `wss://…`).
+pub async fn connect_tls(
+    url: &str,
+    ca_pem: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let config = tls_client_config(ca_pem, client)?;
+    let u = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    let host = u.host_str().ok_or("URL without host")?.to_string();
+    let port = u.port_or_known_default().ok_or("URL without port")?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake hung".to_string())?
+    .map_err(|e| format!("TLS handshake: {e}"))
+}
+
+/// A CDP websocket to `url` (`wss://…`) over TLS trusting `ca_pem`, presenting `client`
+/// (certificate PEM, key PEM) when asked. `Err` says why, TLS alerts included.
+///
+/// `Cdp` holds a `MaybeTlsStream<TcpStream>` and tokio-tungstenite is built without its rustls
+/// feature, so the TLS session runs in a task that relays it to a loopback socket; the
+/// websocket (with the URL's own `Host`) runs over that socket.
+pub async fn connect_tls_ws(
+    url: &str,
+    ca_pem: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<Cdp, String> {
+    let mut tls = connect_tls(url, ca_pem, client).await?;
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let near = tokio::net::TcpStream::connect(relay.local_addr().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut far, _) = relay.accept().await.map_err(|e| e.to_string())?;
+    let pump = tokio::spawn(async move {
+        tokio::io::copy_bidirectional(&mut far, &mut tls)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let handshake = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(near)),
+    )
+    .await
+    .map_err(|_| "websocket handshake hung".to_string())?;
+    match handshake {
+        Ok((ws, _)) => Ok(Cdp {
+            ws,
+            next_id: 0,
+            seen: Vec::new(),
+        }),
+        Err(e) => {
+            let tls = match tokio::time::timeout(Duration::from_secs(5), pump).await {
+                Ok(Ok(Err(e))) => e,
+                Ok(Ok(Ok(()))) => "closed".into(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "still open".into(),
+            };
+            Err(format!("websocket handshake: {e}; TLS: {tls}"))
+        }
+    }
+}
+
+/// GET `url` (`https://…`) over TLS as `connect_tls` does: (status, body as JSON, or as a
+/// string when it is not JSON). `Err` says why, TLS alerts included.
+pub async fn https_get(
+    url: &str,
+    ca_pem: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<(u16, Value), String> {
+    use http_body_util::BodyExt;
+    let tls = connect_tls(url, ca_pem, client).await?;
+    let u = url::Url::parse(url).map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(u.path())
+        .header("host", u.authority())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let exchange = async {
+        match send.send_request(req).await {
+            Ok(res) => {
+                let status = res.status().as_u16();
+                let body = res.into_body().collect().await.map_err(|e| e.to_string())?;
+                let body = body.to_bytes();
+                let v = serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+                Ok((status, v))
+            }
+            // A TLS 1.3 client finishes its side of the handshake before the server has seen
+            // its certificate, so a refusal arrives as an alert on the first read.
+            Err(e) => Err(format!("{e}; connection: {:?}", conn.await)),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| "HTTPS request hung".to_string())?
+}
