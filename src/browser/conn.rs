@@ -1509,10 +1509,12 @@ impl Shared {
         if router.close_reason.is_some() {
             return false;
         }
+        // The queue can be closed behind the router's back (an unscrubbable frame), so ask it.
         let Some(agent) = router
             .agents
             .get(&agent_id)
             .filter(|a| a.is_live() && !a.detaching && a.root.is_some())
+            .filter(|_| !outbox.is_closing())
         else {
             return false;
         };
@@ -2664,6 +2666,11 @@ impl Outbox {
         });
         drop(state);
         self.notify.notify_one();
+    }
+
+    /// Whether the final Close frame is queued.
+    fn is_closing(&self) -> bool {
+        self.state().closing
     }
 
     /// Starts buffering for a parked link: at most `limit` bytes.

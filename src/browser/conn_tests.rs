@@ -1371,6 +1371,47 @@ async fn answers_kept_for_a_parked_link_include_session_closed() {
     fake.assert_quiet(&conn).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gap_carries_what_the_first_left_unclaimed() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let first = r#"{"id":1,"method":"Target.createTarget","params":{"url":"about:blank"}}"#;
+    let second = r#"{"id":2,"method":"Target.createTarget","params":{"url":"data:,2"}}"#;
+    let sent1 = forwarded(&mut fake, &a, first).await;
+    let sent2 = forwarded(&mut fake, &a, second).await;
+    let parked_a = a.park(BUDGET).unwrap();
+    answer(&mut fake, &sent1, json!({"targetId": "T1"})).await;
+    let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
+    parked_a.drain_into(&b);
+    // The successor drops too, before re-sending anything.
+    let parked_b = b.park(BUDGET).unwrap();
+    assert_eq!(
+        parked_b.summary(),
+        ParkSummary {
+            in_flight: 1,
+            answered_during_gap: 1,
+            events_buffered: 0,
+            buffer_overflowed: false
+        }
+    );
+    answer(&mut fake, &sent2, json!({"targetId": "T2"})).await;
+    expect_detach(&mut fake, "REAL-ROOT-A").await;
+    let (c, _) = attach(&conn, &mut fake, "c", "REAL-ROOT-C").await;
+    parked_b.drain_into(&c);
+    expect_detach(&mut fake, "REAL-ROOT-B").await;
+    assert_eq!(c.from_agent(second), None);
+    assert_eq!(
+        next_json(&c).await,
+        json!({"id": 2, "result": {"targetId": "T2"}})
+    );
+    assert_eq!(c.from_agent(first), None);
+    assert_eq!(
+        next_json(&c).await,
+        json!({"id": 1, "result": {"targetId": "T1"}})
+    );
+    fake.assert_quiet(&conn).await;
+}
+
 #[test]
 fn close_reasons_fit_a_close_frame() {
     let long = "é".repeat(100);
