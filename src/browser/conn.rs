@@ -25,16 +25,28 @@
 //! Messages are never decoded into typed CDP structures. Only the members the router rewrites
 //! are parsed (see the private `envelope` module); everything else is copied as raw JSON text, so fields
 //! added or renamed by a newer Chromium pass untouched.
+//!
+//! # Parking and replay (AG-374 4.5, 4.9)
+//! When an agent's websocket drops, its link can be parked ([`AgentLink::park`]) instead of
+//! detached: its browser session stays attached, so commands in flight keep running. Their
+//! answers go into a replay book instead of the agent's queue. The next connection either takes
+//! the same link over ([`ParkedLink::resume`], continue mode) or gets a fresh browser session
+//! that consults the parked link's book ([`ParkedLink::drain_into`], reattach mode). Either way
+//! an identical re-send (same id, session, method and params bytes) of a command that ran during
+//! the gap is answered from the book, or joined if it is still running, and never reaches the
+//! browser a second time. Stored replies are only ever given on such a re-send: clients start a
+//! new conversation on reconnect and treat a reply to an id they never sent as a protocol error.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::Value;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
 use tokio::net::unix::pipe;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
@@ -67,6 +79,9 @@ pub const SUPERVISOR_EVENT_CAPACITY: usize = 4096;
 const SESSION_NOT_FOUND: (i64, &str) = (-32001, "Session with given id not found.");
 /// What a request still pending on a session gets when the session detaches.
 const SESSION_CLOSED: (i64, &str) = (-32001, "Session closed");
+/// The answer to a `Chaperone.*` command on a session that is not browser-kind.
+const CHAPERONE_BROWSER_ONLY: &str =
+    "chaperone: Chaperone.* commands are only answered on a browser session";
 /// Reason of the Close frame that answers an agent's `Browser.close`.
 const BROWSER_CLOSE_REASON: &str =
     "Browser.close ends this connection; the browser belongs to the supervisor";
@@ -140,10 +155,45 @@ pub enum ToAgent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AgentId(u64);
 
+impl AgentId {
+    /// The number behind the id, unique per [`BrowserConn`] (for tickets and audit records).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
 impl fmt::Display for AgentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "agent-{}", self.0)
     }
+}
+
+/// A `Chaperone.*` command the router does not forward: the endpoint answers it with
+/// [`AgentLink::answer_local`]. Only produced for browser-kind sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalCall {
+    /// The agent's own request id.
+    pub id: i64,
+    /// The session alias the agent sent it on; `None` for its root browser session.
+    pub session: Option<String>,
+    /// The method, e.g. `Chaperone.getResumeTicket`.
+    pub method: String,
+    /// The params object; an empty object when the agent sent none.
+    pub params: Value,
+}
+
+/// What a parked link holds, for the endpoint's decisions and the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ParkSummary {
+    /// Requests still running in the browser.
+    pub in_flight: usize,
+    /// Requests answered since the link was parked (or answered before it but never sent),
+    /// whose replies wait in the replay book (or were dropped over its budget).
+    pub answered_during_gap: usize,
+    /// Events waiting to be delivered on resume.
+    pub events_buffered: usize,
+    /// Whether more events arrived than the buffer holds; the park is then not intact.
+    pub buffer_overflowed: bool,
 }
 
 /// The connection to one browser's CDP pipe. Cheap to clone. Dropping the last clone closes the
@@ -195,6 +245,8 @@ impl BrowserConn {
                 sessions: HashMap::new(),
                 agents: HashMap::new(),
                 next_agent: 1,
+                books: HashMap::new(),
+                next_book: 1,
             }),
             closed: CancellationToken::new(),
             events,
@@ -342,6 +394,9 @@ impl BrowserConn {
                     root: None,
                     open: false,
                     detaching: false,
+                    mode: Mode::Live,
+                    book: None,
+                    overflowed: false,
                 },
             );
             let pipe_id = router.alloc_id();
@@ -408,13 +463,100 @@ impl AgentLink {
     }
 
     /// Handles one text frame from the agent: forwards it to the browser or answers it locally
-    /// (bad input, refusal, unknown session, `Browser.close`). Never blocks and never panics.
-    pub fn from_agent(&self, frame: &str) {
-        if let Some(denied) = self.shared.agent_frame(self.id, frame) {
+    /// (bad input, refusal, unknown session, `Browser.close`, a replayed answer,
+    /// `Chaperone.reconcile`). Never blocks and never panics.
+    ///
+    /// A `Chaperone.*` command other than `Chaperone.reconcile` sent on a browser-kind session
+    /// (the root session, or an alias of kind browser such as Playwright's
+    /// `newBrowserCDPSession`) is returned for the caller to answer with
+    /// [`answer_local`](Self::answer_local). On any other session kind it is refused with
+    /// `-32000`. No `Chaperone.*` frame ever reaches the browser.
+    pub fn from_agent(&self, frame: &str) -> Option<LocalCall> {
+        let outcome = self.shared.agent_frame(self.id, frame);
+        if let Some(denied) = outcome.denied {
             tracing::info!(agent = %self.label, method = %denied.method, reason = %denied.reason, "cdp request refused");
             self.observer
                 .denied(&self.label, &denied.method, &denied.reason);
         }
+        outcome.local
+    }
+
+    /// Answers a [`LocalCall`]. The answer goes through the agent's queue, so
+    /// [`next_for_agent`](Self::next_for_agent) still scrubs it, and carries the call's alias as
+    /// `sessionId` like any answer. `Err(message)` becomes `{"code":-32000,"message":message}`.
+    /// Does nothing once the connection is closing.
+    pub fn answer_local(&self, call: &LocalCall, result: Result<Value, String>) {
+        let text = match result {
+            Ok(result) => {
+                let result = result.to_string();
+                let mut w = ObjWriter::with_capacity(64 + result.len());
+                w.int("id", call.id);
+                w.raw("result", &result);
+                if let Some(alias) = &call.session {
+                    w.string("sessionId", alias);
+                }
+                w.finish()
+            }
+            Err(message) => error_answer(
+                Some(call.id),
+                call.session.as_deref(),
+                -32000,
+                &message,
+                None,
+            ),
+        };
+        let mut router = self.shared.lock();
+        if let Some(agent) = router.agents.get_mut(&self.id) {
+            if agent.mode == Mode::Live {
+                agent.push(text, Some(Answers::Local));
+            }
+        }
+    }
+
+    /// Parks the link, for a client whose websocket dropped: the agent's CDP sessions stay
+    /// attached in the browser, so its commands in flight keep running; their answers (and
+    /// answers queued but never sent) are kept in a replay book of at most `buffer_limit` bytes
+    /// of replies; events are buffered in the queue, in pipe order, up to `buffer_limit` bytes
+    /// (beyond it the buffer is dropped and the park is no longer
+    /// [intact](ParkedLink::is_intact)). Answers the router made itself are dropped: nothing ran,
+    /// so a re-send is simply checked again.
+    ///
+    /// Take [`reconciliation`](Self::reconciliation) first: the park starts a new book, and
+    /// replies of the previous one nobody claimed are carried into it.
+    ///
+    /// `Err(self)` if the link is closed or closing. Dropping the [`ParkedLink`] detaches it
+    /// like dropping an `AgentLink` does.
+    pub fn park(mut self, buffer_limit: usize) -> Result<ParkedLink, AgentLink> {
+        if !self.shared.park(self.id, &self.outbox, buffer_limit) {
+            return Err(self);
+        }
+        // The agent is the ParkedLink's now; this handle must not detach it when dropped.
+        self.detached = true;
+        Ok(ParkedLink {
+            shared: self.shared.clone(),
+            id: self.id,
+            label: self.label.clone(),
+            outbox: self.outbox.clone(),
+            observer: self.observer.clone(),
+            released: false,
+        })
+    }
+
+    /// A summary of the replay book this link consults (after [`ParkedLink::resume`] or
+    /// [`ParkedLink::drain_into`]), for the audit record `session.reconciled`:
+    /// `{"mode":"continue"|"reattach","replayed":[{"id","method"}],"joined":n,"unclaimed":n,
+    /// "superseded":n,"lost":n,"delivered":n,"in_flight":n}`. `replayed` are the stored replies
+    /// given on an identical re-send, `unclaimed` the stored replies nobody asked for,
+    /// `delivered` the commands (continue mode) answered normally after the resume, `in_flight`
+    /// those still running. Never params or results. `None` when the link has no book.
+    pub fn reconciliation(&self) -> Option<Value> {
+        let router = self.shared.lock();
+        let book = router
+            .agents
+            .get(&self.id)
+            .and_then(|a| a.book)
+            .and_then(|b| router.books.get(&b))?;
+        Some(book.reconciliation())
     }
 
     /// The next frame for the agent, in order. After a [`ToAgent::Close`] it returns `None`.
@@ -467,6 +609,119 @@ impl Drop for AgentLink {
     }
 }
 
+/// An agent link whose client went away, kept so that the agent can resume without any command
+/// running twice. See [`AgentLink::park`]. Dropping it detaches the agent's browser session.
+pub struct ParkedLink {
+    shared: Arc<Shared>,
+    id: AgentId,
+    label: Arc<str>,
+    outbox: Arc<Outbox>,
+    observer: Arc<dyn GateObserver>,
+    /// Set once resumed or drained, when the agent is no longer this handle's to detach.
+    released: bool,
+}
+
+impl fmt::Debug for ParkedLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParkedLink")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParkedLink {
+    /// The parked connection's id (the id its [`AgentLink`] had).
+    pub fn id(&self) -> AgentId {
+        self.id
+    }
+
+    /// Whether the park still holds everything: browser session attached, connection to the
+    /// browser up, and no event dropped because the buffer overflowed. Continue mode needs it.
+    pub fn is_intact(&self) -> bool {
+        let router = self.shared.lock();
+        router.close_reason.is_none()
+            && router.agents.get(&self.id).is_some_and(|a| {
+                a.mode == Mode::Parked
+                    && a.open
+                    && !a.detaching
+                    && !a.overflowed
+                    && a.root.is_some()
+            })
+    }
+
+    /// What the park holds now.
+    pub fn summary(&self) -> ParkSummary {
+        let router = self.shared.lock();
+        let agent = router.agents.get(&self.id);
+        let book = agent
+            .and_then(|a| a.book)
+            .and_then(|b| router.books.get(&b));
+        let count = |f: fn(&Outcome) -> bool| {
+            book.map_or(0, |b| b.entries.values().filter(|e| f(&e.state)).count())
+        };
+        ParkSummary {
+            in_flight: count(|o| matches!(o, Outcome::InFlight)),
+            answered_during_gap: count(|o| {
+                matches!(o, Outcome::Answered(_) | Outcome::Lost { .. })
+            }),
+            events_buffered: self.outbox.texts_queued(),
+            buffer_overflowed: agent.is_some_and(|a| a.overflowed),
+        }
+    }
+
+    /// Continue mode: the same link goes live again, with the same root session and aliases.
+    /// The buffered events come first, in order; commands still in flight are answered normally
+    /// when the browser replies. Stored replies are never sent unasked, only on an identical
+    /// re-send. Check [`is_intact`](Self::is_intact) first: a link whose buffer overflowed comes
+    /// back closed (its next frame is a Close).
+    pub fn resume(mut self) -> AgentLink {
+        {
+            let mut guard = self.shared.lock();
+            let router = &mut *guard;
+            if let Some(agent) = router.agents.get_mut(&self.id) {
+                if agent.mode == Mode::Parked {
+                    agent.mode = Mode::Live;
+                }
+                if let Some(book) = agent.book.and_then(|b| router.books.get_mut(&b)) {
+                    book.opened(
+                        BookMode::Continue,
+                        self.outbox.texts_queued(),
+                        agent.overflowed,
+                    );
+                }
+            }
+        }
+        self.outbox.unpark();
+        self.released = true;
+        AgentLink {
+            shared: self.shared.clone(),
+            id: self.id,
+            label: self.label.clone(),
+            outbox: self.outbox.clone(),
+            observer: self.observer.clone(),
+            detached: false,
+        }
+    }
+
+    /// Reattach mode: `successor`, a fresh link with its own browser session, consults this
+    /// link's replay book. This link drains: its events are dropped, its remaining answers go to
+    /// the book, and its browser session is detached once its last request in flight is settled,
+    /// or as soon as the successor closes.
+    pub fn drain_into(mut self, successor: &AgentLink) {
+        self.released = true;
+        self.shared.drain_into(self.id, &self.outbox, successor.id);
+    }
+}
+
+impl Drop for ParkedLink {
+    fn drop(&mut self) {
+        if !self.released {
+            self.shared.begin_detach(self.id, false);
+        }
+    }
+}
+
 /// State shared by the connection handle, the agent links and the I/O tasks.
 struct Shared {
     router: Mutex<Router>,
@@ -491,6 +746,9 @@ struct Router {
     sessions: HashMap<String, Session>,
     agents: HashMap<AgentId, Agent>,
     next_agent: u64,
+    /// Replay books by id; a book lives as long as an agent names it in [`Agent::book`].
+    books: HashMap<u64, ReplayBook>,
+    next_book: u64,
 }
 
 struct Session {
@@ -513,6 +771,23 @@ struct Agent {
     /// Whether messages are still delivered to and accepted from the agent.
     open: bool,
     detaching: bool,
+    mode: Mode,
+    /// The replay book this agent stores answers in (parked, draining) or consults (live).
+    book: Option<u64>,
+    /// Whether events were dropped because the parked buffer overflowed.
+    overflowed: bool,
+}
+
+/// Where an agent's answers go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// To the agent's queue.
+    Live,
+    /// Into its replay book; events are buffered in its queue.
+    Parked,
+    /// Into its replay book, for `successor` to claim; events are dropped. The agent's browser
+    /// session is detached when its last request is settled or when `successor` goes.
+    Draining { successor: AgentId },
 }
 
 enum Pending {
@@ -522,7 +797,11 @@ enum Pending {
         tx: oneshot::Sender<Result<Value, CdpError>>,
     },
     Agent {
+        /// Who gets the answer: the sender, or a successor that joined the request.
         agent: AgentId,
+        /// The sender, whose session the request runs on; a draining agent stays attached
+        /// until none of these is left.
+        origin: AgentId,
         /// The agent's own request id.
         id: i64,
         /// Real id of the session the request went to.
@@ -530,6 +809,8 @@ enum Pending {
         alias: Option<String>,
         kind: SessionKind,
         method: String,
+        /// See [`request_digest`].
+        digest: Digest,
     },
     Attach {
         agent: AgentId,
@@ -557,6 +838,336 @@ struct Denied {
     reason: String,
 }
 
+/// What handling an agent frame leaves for [`AgentLink::from_agent`] to do outside the lock.
+#[derive(Default)]
+struct FrameOutcome {
+    denied: Option<Denied>,
+    local: Option<LocalCall>,
+}
+
+impl FrameOutcome {
+    fn denied(denied: Option<Denied>) -> FrameOutcome {
+        FrameOutcome {
+            denied,
+            local: None,
+        }
+    }
+}
+
+/// SHA-256 of `method ‖ 0 ‖ sessionId-or-empty ‖ 0 ‖ raw params text` of an agent request, as
+/// the agent wrote it: a re-send is the same command only if its bytes are the same.
+type Digest = [u8; 32];
+
+fn request_digest(method: &str, session: Option<&str>, raw_params: &str) -> Digest {
+    let mut hash = Sha256::new();
+    hash.update(method.as_bytes());
+    hash.update([0]);
+    hash.update(session.unwrap_or_default().as_bytes());
+    hash.update([0]);
+    hash.update(raw_params.as_bytes());
+    hash.finalize().into()
+}
+
+/// The request an answer in an agent's queue belongs to, so that parking can keep it.
+struct Tag {
+    id: i64,
+    alias: Option<String>,
+    digest: Digest,
+    method: String,
+}
+
+/// What a queued frame answers; events answer nothing.
+enum Answers {
+    /// An answer the router made without the browser (refusal, policy answer, local call):
+    /// nothing ran, so a re-send after a reconnect is simply checked again.
+    Local,
+    /// An answer to a request that reached the browser.
+    Request(Box<Tag>),
+}
+
+/// How a replay book is being used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BookMode {
+    /// Its agent is parked; nobody consults it yet.
+    Parked,
+    /// The parked link itself was resumed.
+    Continue,
+    /// A fresh link consults it; the parked link drains.
+    Reattach,
+}
+
+/// What became of a request in flight when its agent was parked.
+#[derive(Debug)]
+enum Outcome {
+    /// Still running in the browser.
+    InFlight,
+    /// Answered during the gap; the reply waits for an identical re-send.
+    Answered(String),
+    /// Answered after a continue-mode resume, to the agent, as usual.
+    Delivered,
+    /// Re-sent identically while still running: the re-send gets the one answer.
+    Joined,
+    /// Its stored reply was given on an identical re-send.
+    Claimed,
+    /// The agent used the id for another command (continue mode): the answer is dropped.
+    Superseded,
+    /// Answered during the gap, but the reply did not fit the book's budget. `told` once an
+    /// identical re-send was refused for it.
+    Lost { told: bool },
+}
+
+impl Outcome {
+    fn name(&self) -> &'static str {
+        match self {
+            Outcome::InFlight => "in_flight",
+            Outcome::Answered(_) => "answered",
+            Outcome::Delivered => "delivered",
+            Outcome::Joined => "joined",
+            Outcome::Claimed => "claimed",
+            Outcome::Superseded => "superseded",
+            Outcome::Lost { .. } => "lost",
+        }
+    }
+}
+
+struct Entry {
+    digest: Digest,
+    method: String,
+    /// The request on the pipe; `None` for an answer that was already in the agent's queue.
+    pipe_id: Option<u32>,
+    state: Outcome,
+}
+
+/// What an agent request matched in the replay book.
+enum Replay {
+    /// Nothing: route it as usual.
+    Forward,
+    /// Its reply, kept while the connection was parked.
+    Reply(String),
+    /// The still-running request on this pipe id; its answer is the re-send's.
+    Join(u32),
+    /// It ran, but its reply was dropped: refuse it rather than run it twice.
+    Lost,
+}
+
+/// The requests a parked agent had in flight and what became of them (AG-374 4.5, 4.9), by the
+/// agent's (id, session alias). Entries exist only for requests in flight at park time, so
+/// their number is bounded by the router's own pending table; stored reply bytes are bounded by
+/// `budget`.
+struct ReplayBook {
+    mode: BookMode,
+    entries: HashMap<(i64, Option<String>), Entry>,
+    bytes: usize,
+    budget: usize,
+    /// Events waiting in the parked queue when the book was opened (delivered first in continue
+    /// mode, dropped in reattach mode).
+    events_buffered: usize,
+    overflowed: bool,
+}
+
+impl ReplayBook {
+    fn new(budget: usize) -> ReplayBook {
+        ReplayBook {
+            mode: BookMode::Parked,
+            entries: HashMap::new(),
+            bytes: 0,
+            budget,
+            events_buffered: 0,
+            overflowed: false,
+        }
+    }
+
+    /// Records a request still running. A client that reused an id while it was still pending
+    /// keeps only its first request here.
+    fn in_flight(
+        &mut self,
+        pipe_id: u32,
+        id: i64,
+        alias: Option<String>,
+        digest: Digest,
+        method: String,
+    ) {
+        self.entries.entry((id, alias)).or_insert(Entry {
+            digest,
+            method,
+            pipe_id: Some(pipe_id),
+            state: Outcome::InFlight,
+        });
+    }
+
+    /// Records a reply the agent never received.
+    fn answered(&mut self, tag: Tag, text: String) {
+        let Tag {
+            id,
+            alias,
+            digest,
+            method,
+        } = tag;
+        let state = self.keep(text);
+        self.entries.entry((id, alias)).or_insert(Entry {
+            digest,
+            method,
+            pipe_id: None,
+            state,
+        });
+    }
+
+    fn lost(&mut self, id: i64, alias: Option<String>, digest: Digest, method: String) {
+        self.entries.entry((id, alias)).or_insert(Entry {
+            digest,
+            method,
+            pipe_id: None,
+            state: Outcome::Lost { told: false },
+        });
+    }
+
+    /// `Answered(text)` if it fits the budget, else `Lost`.
+    fn keep(&mut self, text: String) -> Outcome {
+        if self.bytes + text.len() > self.budget {
+            tracing::warn!(
+                bytes = text.len(),
+                budget = self.budget,
+                "a reply kept for a parked connection does not fit its replay buffer; dropped"
+            );
+            return Outcome::Lost { told: false };
+        }
+        self.bytes += text.len();
+        Outcome::Answered(text)
+    }
+
+    /// Stores the answer to `pipe_id` for a parked or draining agent.
+    fn store(&mut self, pipe_id: Option<u32>, id: i64, alias: &Option<String>, text: String) {
+        let key = (id, alias.clone());
+        let Some(entry) = self.entries.get(&key).filter(|e| e.pipe_id == pipe_id) else {
+            tracing::debug!(id, "dropping an answer the replay book does not track");
+            return;
+        };
+        if matches!(entry.state, Outcome::InFlight) {
+            let state = self.keep(text);
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.state = state;
+            }
+        }
+    }
+
+    /// Whether the answer to `pipe_id` goes to a live agent consulting this book.
+    fn on_live_answer(&mut self, pipe_id: Option<u32>, id: i64, alias: &Option<String>) -> bool {
+        let key = (id, alias.clone());
+        let Some(entry) = self
+            .entries
+            .get_mut(&key)
+            .filter(|e| e.pipe_id.is_some() && e.pipe_id == pipe_id)
+        else {
+            return true;
+        };
+        match entry.state {
+            Outcome::InFlight => {
+                entry.state = Outcome::Delivered;
+                true
+            }
+            Outcome::Superseded => false,
+            _ => true,
+        }
+    }
+
+    /// Checks a request of the agent consulting this book against it.
+    fn on_request(&mut self, id: i64, alias: &Option<String>, digest: &Digest) -> Replay {
+        let key = (id, alias.clone());
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return Replay::Forward;
+        };
+        if entry.digest == *digest {
+            let (state, replay) = match std::mem::replace(&mut entry.state, Outcome::Claimed) {
+                Outcome::Answered(text) => {
+                    self.bytes -= text.len();
+                    (Outcome::Claimed, Replay::Reply(text))
+                }
+                Outcome::InFlight => match entry.pipe_id {
+                    Some(pipe_id) => (Outcome::Joined, Replay::Join(pipe_id)),
+                    None => (Outcome::InFlight, Replay::Forward),
+                },
+                Outcome::Lost { told: false } => (Outcome::Lost { told: true }, Replay::Lost),
+                // Settled: a later identical request is a new command.
+                settled => (settled, Replay::Forward),
+            };
+            entry.state = state;
+            replay
+        } else {
+            // Continue mode is the same conversation: the agent gave up on the old command and
+            // reused its id. A reattached conversation starts its ids anew, so only an
+            // identical command says anything about the old one.
+            if self.mode == BookMode::Continue
+                && matches!(entry.state, Outcome::InFlight | Outcome::Answered(_))
+            {
+                if let Outcome::Answered(text) =
+                    std::mem::replace(&mut entry.state, Outcome::Superseded)
+                {
+                    self.bytes -= text.len();
+                }
+            }
+            Replay::Forward
+        }
+    }
+
+    /// The book is taken into use.
+    fn opened(&mut self, mode: BookMode, events_buffered: usize, overflowed: bool) {
+        self.mode = mode;
+        self.events_buffered = events_buffered;
+        self.overflowed = overflowed;
+    }
+
+    /// Entries in a stable order: by id, then alias.
+    fn sorted(&self) -> Vec<(&(i64, Option<String>), &Entry)> {
+        let mut entries: Vec<_> = self.entries.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        entries
+    }
+
+    /// The result of `Chaperone.reconcile`.
+    fn reconcile_result(book: Option<&ReplayBook>) -> Value {
+        let Some(book) = book else {
+            return json!({"operations": [], "eventsBuffered": 0, "bufferOverflowed": false});
+        };
+        let operations: Vec<Value> = book
+            .sorted()
+            .into_iter()
+            .map(|((id, alias), e)| {
+                json!({"id": id, "sessionId": alias, "method": e.method, "outcome": e.state.name()})
+            })
+            .collect();
+        json!({
+            "operations": operations,
+            "eventsBuffered": book.events_buffered,
+            "bufferOverflowed": book.overflowed,
+        })
+    }
+
+    /// See [`AgentLink::reconciliation`].
+    fn reconciliation(&self) -> Value {
+        let count = |f: fn(&Outcome) -> bool| self.entries.values().filter(|e| f(&e.state)).count();
+        let replayed: Vec<Value> = self
+            .sorted()
+            .into_iter()
+            .filter(|(_, e)| matches!(e.state, Outcome::Claimed))
+            .map(|((id, _), e)| json!({"id": id, "method": e.method}))
+            .collect();
+        json!({
+            "mode": match self.mode {
+                BookMode::Continue => "continue",
+                BookMode::Reattach => "reattach",
+                BookMode::Parked => "parked",
+            },
+            "replayed": replayed,
+            "joined": count(|o| matches!(o, Outcome::Joined)),
+            "unclaimed": count(|o| matches!(o, Outcome::Answered(_))),
+            "superseded": count(|o| matches!(o, Outcome::Superseded)),
+            "lost": count(|o| matches!(o, Outcome::Lost { .. })),
+            "delivered": count(|o| matches!(o, Outcome::Delivered)),
+            "in_flight": count(|o| matches!(o, Outcome::InFlight)),
+        })
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Router> {
         // A panic while holding the lock leaves tables that are still structurally valid
@@ -576,7 +1187,8 @@ impl Shared {
         router.close_reason = Some(reason.to_owned());
         router.to_pipe = None;
         let agent_message = format!("chaperone: the browser is gone ({reason})");
-        for (_, pending) in router.pending.drain() {
+        let pending: Vec<(u32, Pending)> = router.pending.drain().collect();
+        for (pipe_id, pending) in pending {
             match pending {
                 Pending::Supervisor { method, tx, .. } => {
                     let _ = tx.send(Err(CdpError::Closed {
@@ -585,13 +1197,22 @@ impl Shared {
                     }));
                 }
                 Pending::Agent {
-                    agent, id, alias, ..
+                    agent,
+                    id,
+                    alias,
+                    method,
+                    digest,
+                    ..
                 } => {
-                    if let Some(agent) = router.agents.get_mut(&agent) {
-                        let answer =
-                            error_answer(Some(id), alias.as_deref(), -32000, &agent_message, None);
-                        agent.deliver(answer);
-                    }
+                    let answer =
+                        error_answer(Some(id), alias.as_deref(), -32000, &agent_message, None);
+                    let tag = Tag {
+                        id,
+                        alias,
+                        digest,
+                        method,
+                    };
+                    router.deliver_answer(Some(pipe_id), agent, tag, answer);
                 }
                 Pending::Attach { tx, .. } => {
                     let _ = tx.send(Err(CdpError::Closed {
@@ -620,27 +1241,72 @@ impl Shared {
         self.closed.cancel();
     }
 
-    /// Handles one frame from an agent; returns the refusal to report, if any.
-    fn agent_frame(&self, agent_id: AgentId, frame: &str) -> Option<Denied> {
+    /// Handles one frame from an agent: what to report, and a call for the endpoint, if any.
+    fn agent_frame(&self, agent_id: AgentId, frame: &str) -> FrameOutcome {
         let request = match parse_agent_request(frame) {
             Ok(request) => request,
             Err(local) => {
                 let mut router = self.lock();
-                let agent = router.agents.get_mut(&agent_id).filter(|a| a.open)?;
-                agent.deliver(local.answer);
-                return local.denied;
+                let Some(agent) = router.agents.get_mut(&agent_id).filter(|a| a.is_live()) else {
+                    return FrameOutcome::default();
+                };
+                agent.push(local.answer, Some(Answers::Local));
+                return FrameOutcome::denied(local.denied);
             }
         };
         let mut guard = self.lock();
         let router = &mut *guard;
-        let agent = router.agents.get_mut(&agent_id).filter(|a| a.open)?;
+        let Some(agent) = router.agents.get_mut(&agent_id).filter(|a| a.is_live()) else {
+            return FrameOutcome::default();
+        };
         let id = request.id;
         let method = request.method;
+        let digest = request.digest;
+
+        // Replay, before the alias is resolved: in reattach mode the alias the request names
+        // may belong to the drained link.
+        if let Some(book) = agent.book.and_then(|b| router.books.get_mut(&b)) {
+            match book.on_request(id, &request.session, &digest) {
+                Replay::Forward => {}
+                Replay::Reply(text) => {
+                    tracing::info!(agent = %agent.label, id, method = %method, "replaying a reply kept while the connection was parked");
+                    let tag = Tag {
+                        id,
+                        alias: request.session,
+                        digest,
+                        method,
+                    };
+                    agent.push(text, Some(Answers::Request(Box::new(tag))));
+                    return FrameOutcome::default();
+                }
+                Replay::Join(pipe_id) => {
+                    tracing::info!(agent = %agent.label, id, method = %method, "joining a command still running since the connection was parked");
+                    if let Some(Pending::Agent { agent: to, .. }) = router.pending.get_mut(&pipe_id)
+                    {
+                        *to = agent_id;
+                    }
+                    return FrameOutcome::default();
+                }
+                Replay::Lost => {
+                    let message = format!(
+                        "chaperone: {method} already ran before the connection dropped; its reply \
+                         did not fit the replay buffer, so it is not run again"
+                    );
+                    let answer =
+                        error_answer(Some(id), request.session.as_deref(), -32000, &message, None);
+                    agent.push(answer, Some(Answers::Local));
+                    return FrameOutcome::default();
+                }
+            }
+        }
 
         // Resolve the session. Unknown aliases are answered exactly like Chromium answers an
         // unknown id, and never reach the pipe.
         let (real, alias, kind) = match request.session {
-            None => (agent.root.clone()?, None, SessionKind::Browser),
+            None => match agent.root.clone() {
+                Some(root) => (root, None, SessionKind::Browser),
+                None => return FrameOutcome::default(),
+            },
             Some(alias) => match agent.aliases.get(&alias) {
                 Some(real) => {
                     let kind = router
@@ -651,19 +1317,28 @@ impl Shared {
                 }
                 None => {
                     let (code, message) = SESSION_NOT_FOUND;
-                    agent.deliver(error_answer(Some(id), None, code, message, None));
-                    return None;
+                    agent.push(
+                        error_answer(Some(id), None, code, message, None),
+                        Some(Answers::Local),
+                    );
+                    return FrameOutcome::default();
                 }
             },
         };
         let answer_error = |agent: &mut Agent, code: i64, message: &str, data: Option<&str>| {
-            agent.deliver(error_answer(
-                Some(id),
-                alias.as_deref(),
-                code,
-                message,
-                data,
-            ));
+            agent.push(
+                error_answer(Some(id), alias.as_deref(), code, message, data),
+                Some(Answers::Local),
+            );
+        };
+        let answer_result = |agent: &mut Agent, result: &str| {
+            let mut w = ObjWriter::with_capacity(64 + result.len());
+            w.int("id", id);
+            w.raw("result", result);
+            if let Some(alias) = &alias {
+                w.string("sessionId", alias);
+            }
+            agent.push(w.finish(), Some(Answers::Local));
         };
 
         let mut params = match request.params {
@@ -671,21 +1346,43 @@ impl Shared {
             Params::Object(value) => Some(value),
             Params::Invalid(data) => {
                 answer_error(agent, -32602, "Invalid parameters", Some(&data));
-                return None;
+                return FrameOutcome::default();
             }
         };
 
-        if method == "Browser.close" {
-            let mut w = ObjWriter::with_capacity(64);
-            w.int("id", id);
-            w.raw("result", "{}");
-            if let Some(alias) = &alias {
-                w.string("sessionId", alias);
+        // The supervisor's own domain: never forwarded, and only on sessions that stand for the
+        // agent's browser connection, since its answers are about that connection.
+        if method.starts_with("Chaperone.") {
+            if kind != SessionKind::Browser {
+                answer_error(agent, -32000, CHAPERONE_BROWSER_ONLY, None);
+                return FrameOutcome::denied(Some(Denied {
+                    method,
+                    reason: "Chaperone.* commands are only answered on a browser session"
+                        .to_owned(),
+                }));
             }
-            agent.deliver(w.finish());
+            if method == "Chaperone.reconcile" {
+                let book = agent.book.and_then(|b| router.books.get(&b));
+                let result = ReplayBook::reconcile_result(book);
+                answer_result(agent, &result.to_string());
+                return FrameOutcome::default();
+            }
+            return FrameOutcome {
+                denied: None,
+                local: Some(LocalCall {
+                    id,
+                    session: alias,
+                    method,
+                    params: params.unwrap_or_else(|| Value::Object(serde_json::Map::new())),
+                }),
+            };
+        }
+
+        if method == "Browser.close" {
+            answer_result(agent, "{}");
             agent.open = false;
             agent.outbox.close(1000, BROWSER_CLOSE_REASON);
-            return None;
+            return FrameOutcome::default();
         }
 
         let held = self.held.get();
@@ -697,10 +1394,10 @@ impl Shared {
             Ok(checked) => checked,
             Err(refusal) => {
                 answer_error(agent, -32000, &refusal.message(&method), None);
-                return Some(Denied {
+                return FrameOutcome::denied(Some(Denied {
                     reason: refusal.reason().to_owned(),
                     method,
-                });
+                }));
             }
         };
         // Parts of the request the gate dropped (a write over a held cookie) are audited like
@@ -710,14 +1407,8 @@ impl Shared {
             reason: checked.dropped.join("; "),
         });
         if let gate::policy::Verdict::Answer(result) = checked.verdict {
-            let mut w = ObjWriter::with_capacity(64);
-            w.int("id", id);
-            w.raw("result", &result.to_string());
-            if let Some(alias) = &alias {
-                w.string("sessionId", alias);
-            }
-            agent.deliver(w.finish());
-            return dropped;
+            answer_result(agent, &result.to_string());
+            return FrameOutcome::denied(dropped);
         }
         let untouched = checked_params.as_object().is_some_and(|p| p.is_empty());
         params = (!(absent && untouched)).then_some(checked_params);
@@ -737,16 +1428,16 @@ impl Shared {
                               Target.detachFromTarget";
                 let refusal = gate::Refusal::new(reason);
                 answer_error(agent, -32000, &refusal.message(&method), None);
-                return Some(Denied {
+                return FrameOutcome::denied(Some(Denied {
                     reason: reason.to_owned(),
                     method,
-                });
+                }));
             }
             match session_param.as_str().and_then(|a| agent.aliases.get(a)) {
                 Some(real) => *session_param = Value::String(real.clone()),
                 None => {
                     answer_error(agent, -32602, "No session with given id", None);
-                    return None;
+                    return FrameOutcome::default();
                 }
             }
         }
@@ -759,7 +1450,7 @@ impl Shared {
             ))
             .message(&method);
             answer_error(agent, -32000, &message, None);
-            return None;
+            return FrameOutcome::default();
         }
 
         let pipe_id = router.alloc_id();
@@ -777,15 +1468,17 @@ impl Shared {
             pipe_id,
             Pending::Agent {
                 agent: agent_id,
+                origin: agent_id,
                 id,
                 session: real,
                 alias,
                 kind,
                 method,
+                digest,
             },
         );
         router.send(self, w.finish());
-        dropped
+        FrameOutcome::denied(dropped)
     }
 
     /// Starts detaching an agent's browser session. Returns a receiver for the answer when
@@ -795,44 +1488,157 @@ impl Shared {
         agent_id: AgentId,
         want_answer: bool,
     ) -> Option<oneshot::Receiver<Result<(), CdpError>>> {
-        let mut guard = self.lock();
-        let router = &mut *guard;
-        if router.close_reason.is_some() {
-            router.forget_agent(agent_id);
-            return None;
-        }
-        let agent = router.agents.get_mut(&agent_id)?;
-        if agent.detaching {
-            return None;
-        }
-        agent.open = false;
-        agent.detaching = true;
-        let Some(root) = agent.root.clone() else {
-            router.forget_agent(agent_id);
-            return None;
-        };
         let (tx, rx) = if want_answer {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        let pipe_id = router.alloc_id();
-        let mut w = ObjWriter::with_capacity(128);
-        w.int("id", pipe_id.into());
-        w.string("method", "Target.detachFromTarget");
-        let mut params = ObjWriter::with_capacity(64);
-        params.string("sessionId", &root);
-        w.raw("params", &params.finish());
-        router.pending.insert(
-            pipe_id,
-            Pending::Detach {
-                agent: agent_id,
-                tx,
-            },
-        );
-        router.send(self, w.finish());
-        rx
+        let mut router = self.lock();
+        if router.start_detach(self, agent_id, tx) {
+            rx
+        } else {
+            None
+        }
+    }
+
+    /// Parks an agent (see [`AgentLink::park`]); `false` if it is closed or closing.
+    fn park(&self, agent_id: AgentId, outbox: &Outbox, buffer_limit: usize) -> bool {
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        if router.close_reason.is_some() {
+            return false;
+        }
+        // The queue can be closed behind the router's back (an unscrubbable frame), so ask it.
+        let Some(agent) = router
+            .agents
+            .get(&agent_id)
+            .filter(|a| a.is_live() && !a.detaching && a.root.is_some())
+            .filter(|_| !outbox.is_closing())
+        else {
+            return false;
+        };
+        let previous = agent.book;
+        // Requests whose id the agent reused for another command (continue mode): their answers
+        // are dropped, and they must not take the key of the command that replaced them.
+        let superseded: HashSet<u32> = previous
+            .and_then(|b| router.books.get(&b))
+            .map(|b| {
+                b.entries
+                    .values()
+                    .filter(|e| matches!(e.state, Outcome::Superseded))
+                    .filter_map(|e| e.pipe_id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut book = ReplayBook::new(buffer_limit);
+        // The requests still running: their answers go into the book from now on.
+        for (pipe_id, pending) in &router.pending {
+            if superseded.contains(pipe_id) {
+                continue;
+            }
+            if let Pending::Agent {
+                agent,
+                id,
+                alias,
+                method,
+                digest,
+                ..
+            } = pending
+            {
+                if *agent == agent_id {
+                    book.in_flight(*pipe_id, *id, alias.clone(), *digest, method.clone());
+                }
+            }
+        }
+        // Answers queued but never sent: from the agent's side they are still in flight.
+        for (tag, text) in outbox.take_answers() {
+            book.answered(tag, text);
+        }
+        // What the book this agent consulted still holds for it: unclaimed replies, and
+        // commands a drained predecessor still runs, whose answers must now come here.
+        if let Some(old) = previous.and_then(|b| router.books.get(&b)) {
+            for ((id, alias), entry) in &old.entries {
+                match &entry.state {
+                    Outcome::Answered(text) => book.answered(
+                        Tag {
+                            id: *id,
+                            alias: alias.clone(),
+                            digest: entry.digest,
+                            method: entry.method.clone(),
+                        },
+                        text.clone(),
+                    ),
+                    Outcome::Lost { told: false } => {
+                        book.lost(*id, alias.clone(), entry.digest, entry.method.clone())
+                    }
+                    Outcome::InFlight => {
+                        let Some(pipe_id) = entry.pipe_id else {
+                            continue;
+                        };
+                        if let Some(Pending::Agent { agent, .. }) = router.pending.get_mut(&pipe_id)
+                        {
+                            if *agent != agent_id {
+                                *agent = agent_id;
+                                book.in_flight(
+                                    pipe_id,
+                                    *id,
+                                    alias.clone(),
+                                    entry.digest,
+                                    entry.method.clone(),
+                                );
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let book_id = router.next_book;
+        router.next_book += 1;
+        router.books.insert(book_id, book);
+        if let Some(agent) = router.agents.get_mut(&agent_id) {
+            agent.mode = Mode::Parked;
+            agent.book = Some(book_id);
+            tracing::info!(agent = %agent.label, "agent connection parked");
+        }
+        outbox.park(buffer_limit);
+        router.prune_books();
+        true
+    }
+
+    /// Drains a parked agent into `successor` (see [`ParkedLink::drain_into`]).
+    fn drain_into(&self, parked: AgentId, outbox: &Outbox, successor: AgentId) {
+        let mut guard = self.lock();
+        let router = &mut *guard;
+        let successor_live = router
+            .agents
+            .get(&successor)
+            .is_some_and(|a| a.is_live() && !a.detaching);
+        let mut book_id = None;
+        if let Some(agent) = router.agents.get_mut(&parked) {
+            if agent.mode == Mode::Parked {
+                agent.mode = Mode::Draining { successor };
+            }
+            agent.open = false;
+            book_id = agent.book;
+            if let Some(book) = agent.book.and_then(|b| router.books.get_mut(&b)) {
+                book.opened(BookMode::Reattach, outbox.texts_queued(), agent.overflowed);
+            }
+        }
+        // Nobody will read the parked queue again.
+        outbox.discard();
+        if let Some(agent) = router.agents.get_mut(&successor) {
+            if book_id.is_some() {
+                agent.book = book_id;
+            }
+        }
+        router.prune_books();
+        if successor_live {
+            router.settle(self, parked);
+        } else {
+            router.start_detach(self, parked, None);
+        }
     }
 
     /// Routes one message from the browser.
@@ -885,20 +1691,34 @@ impl Shared {
             }
             Pending::Agent {
                 agent,
+                origin,
                 id,
                 session,
                 alias,
                 kind,
                 method,
-            } => router.answer_agent(
-                message,
-                agent,
-                id,
-                &session,
-                alias.as_deref(),
-                kind,
-                &method,
-            ),
+                digest,
+            } => {
+                let text = router.answer_text(
+                    message,
+                    agent,
+                    id,
+                    &session,
+                    alias.as_deref(),
+                    kind,
+                    &method,
+                );
+                if let Some(text) = text {
+                    let tag = Tag {
+                        id,
+                        alias,
+                        digest,
+                        method,
+                    };
+                    router.deliver_answer(Some(pipe_id), agent, tag, text);
+                }
+                router.settle(self, origin);
+            }
             Pending::Attach { agent, tx } => {
                 let result = message
                     .get("result")
@@ -932,7 +1752,7 @@ impl Shared {
                 }
             }
             Pending::Detach { agent, tx } => {
-                router.forget_agent(agent);
+                router.forget_agent(self, agent);
                 if let Some(tx) = tx {
                     let result = if message.get("error").is_some() {
                         Err(error_of_answer(message, "Target.detachFromTarget"))
@@ -954,7 +1774,7 @@ impl Shared {
         let Some(owner) = owner else {
             if method == "Target.detachedFromTarget" {
                 if let Some(detached) = detached_session(message) {
-                    router.session_detached(&detached);
+                    router.session_detached(self, &detached);
                 }
             }
             return Some(SupervisorEvent);
@@ -972,7 +1792,7 @@ impl Shared {
         }
         if method == "Target.detachedFromTarget" {
             if let Some(detached) = detached_session(message) {
-                router.session_detached(&detached);
+                router.session_detached(self, &detached);
             }
         }
         None
@@ -1036,19 +1856,137 @@ impl Router {
         }
     }
 
-    /// Removes an agent with all its sessions and pending requests.
-    fn forget_agent(&mut self, agent: AgentId) {
+    /// Removes an agent with all its sessions and the requests whose answers were its, and lets
+    /// go of what only it kept: agents draining into it, and replay books.
+    fn forget_agent(&mut self, shared: &Shared, agent: AgentId) {
         self.agents.remove(&agent);
         self.sessions.retain(|_, s| s.agent != agent);
+        let mut origins = HashSet::new();
         self.pending.retain(|_, p| match p {
-            Pending::Agent { agent: a, .. } => *a != agent,
+            Pending::Agent {
+                agent: a, origin, ..
+            } if *a == agent => {
+                origins.insert(*origin);
+                false
+            }
             _ => true,
         });
+        self.release_drained(shared, agent);
+        for origin in origins {
+            self.settle(shared, origin);
+        }
+        self.prune_books();
     }
 
-    /// Builds the agent's copy of an answer.
+    /// Sends `Target.detachFromTarget` for an agent's browser session (once), or forgets the
+    /// agent at once when there is nothing to detach. `false` if no detach was sent.
+    fn start_detach(
+        &mut self,
+        shared: &Shared,
+        agent_id: AgentId,
+        tx: Option<oneshot::Sender<Result<(), CdpError>>>,
+    ) -> bool {
+        if self.close_reason.is_some() {
+            self.forget_agent(shared, agent_id);
+            return false;
+        }
+        let Some(agent) = self.agents.get_mut(&agent_id) else {
+            return false;
+        };
+        if agent.detaching {
+            return false;
+        }
+        agent.open = false;
+        agent.detaching = true;
+        let Some(root) = agent.root.clone() else {
+            self.forget_agent(shared, agent_id);
+            return false;
+        };
+        let pipe_id = self.alloc_id();
+        let mut w = ObjWriter::with_capacity(128);
+        w.int("id", pipe_id.into());
+        w.string("method", "Target.detachFromTarget");
+        let mut params = ObjWriter::with_capacity(64);
+        params.string("sessionId", &root);
+        w.raw("params", &params.finish());
+        self.pending.insert(
+            pipe_id,
+            Pending::Detach {
+                agent: agent_id,
+                tx,
+            },
+        );
+        self.send(shared, w.finish());
+        // A drained link stays attached only for the successor's sake.
+        self.release_drained(shared, agent_id);
+        true
+    }
+
+    /// Detaches the agents draining into `successor`, which is going away.
+    fn release_drained(&mut self, shared: &Shared, successor: AgentId) {
+        let drained: Vec<AgentId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.mode == Mode::Draining { successor })
+            .map(|(id, _)| *id)
+            .collect();
+        for agent in drained {
+            self.start_detach(shared, agent, None);
+        }
+    }
+
+    /// Detaches a draining agent once no request runs on its sessions any more.
+    fn settle(&mut self, shared: &Shared, origin: AgentId) {
+        let draining = self
+            .agents
+            .get(&origin)
+            .is_some_and(|a| matches!(a.mode, Mode::Draining { .. }) && !a.detaching);
+        if !draining {
+            return;
+        }
+        let running = self
+            .pending
+            .values()
+            .any(|p| matches!(p, Pending::Agent { origin: o, .. } if *o == origin));
+        if !running {
+            self.start_detach(shared, origin, None);
+        }
+    }
+
+    /// Drops the replay books no agent names any more.
+    fn prune_books(&mut self) {
+        let named: HashSet<u64> = self.agents.values().filter_map(|a| a.book).collect();
+        self.books.retain(|id, _| named.contains(id));
+    }
+
+    /// Gives an agent its answer to a request that reached the browser (`pipe_id`), or that the
+    /// router answered because its session or the browser went away: into its queue when it is
+    /// live, unless the replay book says the answer was superseded; into its book when it is
+    /// parked or draining.
+    fn deliver_answer(&mut self, pipe_id: Option<u32>, recipient: AgentId, tag: Tag, text: String) {
+        let Some(agent) = self.agents.get_mut(&recipient) else {
+            return;
+        };
+        let book = agent.book.and_then(|b| self.books.get_mut(&b));
+        match agent.mode {
+            Mode::Live => {
+                let deliver = book.is_none_or(|b| b.on_live_answer(pipe_id, tag.id, &tag.alias));
+                if deliver {
+                    agent.push(text, Some(Answers::Request(Box::new(tag))));
+                }
+            }
+            Mode::Parked | Mode::Draining { .. } => match book {
+                Some(book) => book.store(pipe_id, tag.id, &tag.alias, text),
+                None => {
+                    tracing::debug!(agent = %agent.label, "dropping an answer for a parked agent without a book")
+                }
+            },
+        }
+    }
+
+    /// Builds the agent's copy of an answer, or `None` to drop it.
     #[allow(clippy::too_many_arguments)]
-    fn answer_agent(
+    fn answer_text(
         &mut self,
         message: &RawObject<'_>,
         agent_id: AgentId,
@@ -1057,9 +1995,14 @@ impl Router {
         alias: Option<&str>,
         kind: SessionKind,
         method: &str,
-    ) {
-        if !self.agents.get(&agent_id).is_some_and(|a| a.open) {
-            return;
+    ) -> Option<String> {
+        // A parked or draining agent is not open to messages, but its answers are kept.
+        if !self
+            .agents
+            .get(&agent_id)
+            .is_some_and(|a| a.open || a.mode != Mode::Live)
+        {
+            return None;
         }
         let mut result_text = None;
         if let Some(result) = message.get("result") {
@@ -1068,9 +2011,7 @@ impl Router {
                 "Target.attachToTarget" | "Target.attachToBrowserTarget"
             ) {
                 result_text = self.attach_result(result, agent_id, session, method);
-                if result_text.is_none() {
-                    return;
-                }
+                result_text.as_ref()?;
             }
             if gate::scrub::reply_needs_scrub(kind, method) {
                 let text = result_text.as_deref().unwrap_or(result.get());
@@ -1085,11 +2026,7 @@ impl Router {
                             "chaperone: {method} refused: the answer contains text the gate \
                              cannot inspect"
                         );
-                        let answer = error_answer(Some(id), alias, -32000, &message, None);
-                        if let Some(agent) = self.agents.get_mut(&agent_id) {
-                            agent.deliver(answer);
-                        }
-                        return;
+                        return Some(error_answer(Some(id), alias, -32000, &message, None));
                     }
                 }
             }
@@ -1117,10 +2054,7 @@ impl Router {
         if let (Some(alias), false) = (alias, wrote_session) {
             w.string("sessionId", alias);
         }
-        let text = w.finish();
-        if let Some(agent) = self.agents.get_mut(&agent_id) {
-            agent.deliver(text);
-        }
+        Some(w.finish())
     }
 
     /// Rewrites the real `sessionId` in an attach answer to the agent's alias, registering the
@@ -1284,7 +2218,7 @@ impl Router {
 
     /// Forgets a detached session and every session announced on it, and answers the requests
     /// still pending on them so each gets exactly one answer (a late real answer is dropped).
-    fn session_detached(&mut self, real: &str) {
+    fn session_detached(&mut self, shared: &Shared, real: &str) {
         let mut gone = vec![real.to_owned()];
         let mut i = 0;
         while i < gone.len() {
@@ -1334,6 +2268,7 @@ impl Router {
             .map(|(id, _)| *id)
             .collect();
         let (code, message) = SESSION_CLOSED;
+        let mut origins = HashSet::new();
         for pipe_id in stale {
             match self.pending.remove(&pipe_id) {
                 Some(Pending::Supervisor { method, tx, .. }) => {
@@ -1345,29 +2280,54 @@ impl Router {
                     }));
                 }
                 Some(Pending::Agent {
-                    agent, id, alias, ..
+                    agent,
+                    origin,
+                    id,
+                    alias,
+                    method,
+                    digest,
+                    ..
                 }) => {
-                    if let Some(agent) = self.agents.get_mut(&agent) {
-                        agent.deliver(error_answer(
-                            Some(id),
-                            alias.as_deref(),
-                            code,
-                            message,
-                            None,
-                        ));
-                    }
+                    let answer = error_answer(Some(id), alias.as_deref(), code, message, None);
+                    let tag = Tag {
+                        id,
+                        alias,
+                        digest,
+                        method,
+                    };
+                    self.deliver_answer(Some(pipe_id), agent, tag, answer);
+                    origins.insert(origin);
                 }
                 _ => {}
             }
+        }
+        for origin in origins {
+            self.settle(shared, origin);
         }
     }
 }
 
 impl Agent {
-    /// Queues a message for the agent unless it is closing; closes it if its queue overflows.
+    /// Whether the agent's client is connected and may send.
+    fn is_live(&self) -> bool {
+        self.open && self.mode == Mode::Live
+    }
+
+    /// Queues an event for the agent unless it is closing.
     fn deliver(&mut self, text: String) {
-        if self.open && !self.outbox.push_text(text) {
-            tracing::warn!(agent = %self.label, "agent reads too slowly; closing its connection");
+        self.push(text, None);
+    }
+
+    /// Queues a message unless the agent is closing; closes it if its queue overflows.
+    /// `answers` says what request it answers (`None` for an event).
+    fn push(&mut self, text: String, answers: Option<Answers>) {
+        if self.open && !self.outbox.push(text, answers) {
+            if self.mode == Mode::Parked {
+                tracing::warn!(agent = %self.label, "more events arrived than a parked connection may buffer; the park is no longer intact");
+                self.overflowed = true;
+            } else {
+                tracing::warn!(agent = %self.label, "agent reads too slowly; closing its connection");
+            }
             self.open = false;
         }
     }
@@ -1460,6 +2420,7 @@ struct AgentRequest {
     method: String,
     session: Option<String>,
     params: Params,
+    digest: Digest,
 }
 
 enum Params {
@@ -1561,6 +2522,11 @@ fn parse_agent_request(frame: &str) -> Result<AgentRequest, LocalAnswer> {
             "Message has property other than 'id', 'method', 'sessionId', 'params'",
         ));
     }
+    let digest = request_digest(
+        &method,
+        session.as_deref(),
+        object.get("params").map_or("", |raw| raw.get()),
+    );
     let params = match object.get("params").map(|raw| raw.get().trim_start()) {
         None => Params::Absent,
         Some(text) if text.starts_with("null") => Params::Absent,
@@ -1586,6 +2552,7 @@ fn parse_agent_request(frame: &str) -> Result<AgentRequest, LocalAnswer> {
         method,
         session,
         params,
+        digest,
     })
 }
 
@@ -1597,8 +2564,10 @@ fn int32_id(value: &Value) -> Option<i64> {
 struct Outbox {
     state: Mutex<OutboxState>,
     notify: Notify,
-    /// Bytes that may wait before the agent is closed.
-    limit: usize,
+    /// Bytes that may wait before the agent is closed; the park's buffer limit while parked.
+    limit: AtomicUsize,
+    /// Whether the link is parked, which only changes the words of an overflow.
+    parked: AtomicBool,
 }
 
 impl Default for Outbox {
@@ -1609,9 +2578,15 @@ impl Default for Outbox {
 
 #[derive(Default)]
 struct OutboxState {
-    queue: VecDeque<ToAgent>,
+    queue: VecDeque<Queued>,
     bytes: usize,
     closing: bool,
+}
+
+struct Queued {
+    frame: ToAgent,
+    /// `None` for events and Close frames.
+    answers: Option<Answers>,
 }
 
 impl Outbox {
@@ -1619,7 +2594,8 @@ impl Outbox {
         Outbox {
             state: Mutex::default(),
             notify: Notify::new(),
-            limit,
+            limit: AtomicUsize::new(limit),
+            parked: AtomicBool::new(false),
         }
     }
 
@@ -1627,29 +2603,48 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a message; `false` if the agent is closing or this message closed it.
+    /// Queues an event; `false` if the agent is closing or this message closed it.
+    #[cfg(test)]
     fn push_text(&self, text: String) -> bool {
+        self.push(text, None)
+    }
+
+    /// Queues a message; `false` if the agent is closing or this message closed it.
+    fn push(&self, text: String, answers: Option<Answers>) -> bool {
         let mut state = self.state();
         if state.closing {
             return false;
         }
-        if state.bytes > 0 && state.bytes + text.len() > self.limit {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if state.bytes > 0 && state.bytes + text.len() > limit {
             let waiting = state.bytes + text.len();
             state.queue.clear();
             state.bytes = 0;
             state.closing = true;
-            state.queue.push_back(ToAgent::Close {
-                code: 1008,
-                reason: close_reason(&format!(
-                    "chaperone: the agent read too slowly ({waiting} bytes waiting)"
-                )),
+            let reason = if self.parked.load(Ordering::Relaxed) {
+                format!(
+                    "chaperone: more than {limit} bytes of events arrived while the connection \
+                     was parked"
+                )
+            } else {
+                format!("chaperone: the agent read too slowly ({waiting} bytes waiting)")
+            };
+            state.queue.push_back(Queued {
+                frame: ToAgent::Close {
+                    code: 1008,
+                    reason: close_reason(&reason),
+                },
+                answers: None,
             });
             drop(state);
             self.notify.notify_one();
             return false;
         }
         state.bytes += text.len();
-        state.queue.push_back(ToAgent::Text(text));
+        state.queue.push_back(Queued {
+            frame: ToAgent::Text(text),
+            answers,
+        });
         drop(state);
         self.notify.notify_one();
         true
@@ -1662,19 +2657,81 @@ impl Outbox {
             return;
         }
         state.closing = true;
-        state.queue.push_back(ToAgent::Close {
-            code,
-            reason: close_reason(reason),
+        state.queue.push_back(Queued {
+            frame: ToAgent::Close {
+                code,
+                reason: close_reason(reason),
+            },
+            answers: None,
         });
         drop(state);
         self.notify.notify_one();
+    }
+
+    /// Whether the final Close frame is queued.
+    fn is_closing(&self) -> bool {
+        self.state().closing
+    }
+
+    /// Starts buffering for a parked link: at most `limit` bytes.
+    fn park(&self, limit: usize) {
+        self.parked.store(true, Ordering::Relaxed);
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Back to a live link's limit.
+    fn unpark(&self) {
+        self.parked.store(false, Ordering::Relaxed);
+        self.limit.store(MAX_AGENT_BACKLOG, Ordering::Relaxed);
+    }
+
+    /// Takes every answer out of the queue, keeping events in order. Returns the answers to
+    /// requests that reached the browser; the router's own answers are dropped.
+    fn take_answers(&self) -> Vec<(Tag, String)> {
+        let mut state = self.state();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.queue.len());
+        let mut bytes = state.bytes;
+        for queued in state.queue.drain(..) {
+            match queued {
+                Queued {
+                    frame: ToAgent::Text(text),
+                    answers: Some(answers),
+                } => {
+                    bytes -= text.len();
+                    if let Answers::Request(tag) = answers {
+                        taken.push((*tag, text));
+                    }
+                }
+                other => kept.push_back(other),
+            }
+        }
+        state.queue = kept;
+        state.bytes = bytes;
+        taken
+    }
+
+    /// How many text frames wait.
+    fn texts_queued(&self) -> usize {
+        self.state()
+            .queue
+            .iter()
+            .filter(|q| matches!(q.frame, ToAgent::Text(_)))
+            .count()
+    }
+
+    /// Drops everything queued: nobody will read it.
+    fn discard(&self) {
+        let mut state = self.state();
+        state.queue.clear();
+        state.bytes = 0;
     }
 
     async fn recv(&self) -> Option<ToAgent> {
         loop {
             {
                 let mut state = self.state();
-                if let Some(frame) = state.queue.pop_front() {
+                if let Some(Queued { frame, .. }) = state.queue.pop_front() {
                     if let ToAgent::Text(text) = &frame {
                         state.bytes -= text.len();
                     }

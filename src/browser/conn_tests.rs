@@ -809,6 +809,609 @@ async fn a_slow_agent_is_closed_instead_of_buffering_without_bound() {
     assert_eq!(outbox.recv().await, None);
 }
 
+// ---- Parking and replay (AG-374 4.5, 4.9) ----
+
+/// A park buffer large enough for every test that does not test its limit.
+const BUDGET: usize = 1 << 20;
+
+/// A browser's answer to a request the router forwarded, on the same session.
+async fn answer(fake: &mut FakeBrowser, request: &Value, result: Value) {
+    let mut message = json!({"id": request["id"], "result": result});
+    if let Some(session) = request.get("sessionId") {
+        message["sessionId"] = session.clone();
+    }
+    fake.send(message).await;
+}
+
+/// The agent sends `frame`, which must be forwarded; returns what reached the pipe.
+async fn forwarded(fake: &mut FakeBrowser, link: &AgentLink, frame: &str) -> Value {
+    assert_eq!(link.from_agent(frame), None);
+    fake.recv().await
+}
+
+async fn expect_detach(fake: &mut FakeBrowser, root: &str) {
+    let message = fake.recv().await;
+    assert_eq!(message["method"], "Target.detachFromTarget", "{message}");
+    assert_eq!(message["params"]["sessionId"], root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_link_keeps_its_session_and_buffers_events_in_order() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let page = announce(&mut fake, &a, "REAL-ROOT-A", None, "REAL-PAGE", "page").await;
+    let parked = a.park(BUDGET).unwrap();
+    for n in 0..3 {
+        fake.send(json!({"method": "Runtime.consoleAPICalled", "sessionId": "REAL-PAGE", "params": {"n": n}})).await;
+    }
+    fake.send(json!({"method": "Target.targetInfoChanged", "sessionId": "REAL-ROOT-A", "params": {"targetInfo": {"targetId": "T"}}})).await;
+    // Nothing was detached: the supervisor's sentinel is the next thing on the pipe (and, being
+    // answered after the events, proves they were routed).
+    fake.assert_quiet(&conn).await;
+    assert!(parked.is_intact());
+    assert_eq!(
+        parked.summary(),
+        ParkSummary {
+            in_flight: 0,
+            answered_during_gap: 0,
+            events_buffered: 4,
+            buffer_overflowed: false
+        }
+    );
+    let a = parked.resume();
+    for n in 0..3 {
+        assert_eq!(
+            next_json(&a).await,
+            json!({"method": "Runtime.consoleAPICalled", "sessionId": page, "params": {"n": n}})
+        );
+    }
+    assert_eq!(
+        next_json(&a).await,
+        json!({"method": "Target.targetInfoChanged", "params": {"targetInfo": {"targetId": "T"}}})
+    );
+    // The same root session and the same aliases.
+    let sent = forwarded(
+        &mut fake,
+        &a,
+        &json!({"id": 1, "method": "Runtime.evaluate", "sessionId": page}).to_string(),
+    )
+    .await;
+    assert_eq!(sent["sessionId"], "REAL-PAGE");
+    let sent = forwarded(&mut fake, &a, r#"{"id":2,"method":"Browser.getVersion"}"#).await;
+    assert_eq!(sent["sessionId"], "REAL-ROOT-A");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_during_the_gap_are_replayed_only_on_identical_resend_continue() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let page = announce(&mut fake, &a, "REAL-ROOT-A", None, "REAL-PAGE", "page").await;
+    let eval = json!({"id": 7, "method": "Runtime.evaluate", "sessionId": page, "params": {"expression": "1+1"}}).to_string();
+    let sent = forwarded(&mut fake, &a, &eval).await;
+    let parked = a.park(BUDGET).unwrap();
+    answer(&mut fake, &sent, json!({"result": {"value": 2}})).await;
+    fake.assert_quiet(&conn).await;
+    assert_eq!(parked.summary().answered_during_gap, 1);
+    assert_eq!(parked.summary().in_flight, 0);
+    let a = parked.resume();
+    // Nothing is flushed: the agent's next frame is the answer to what it sends next.
+    let version = forwarded(&mut fake, &a, r#"{"id":1,"method":"Browser.getVersion"}"#).await;
+    answer(&mut fake, &version, json!({"product": "Fake"})).await;
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 1, "result": {"product": "Fake"}})
+    );
+    // The identical re-send gets the stored reply, and nothing is written to the pipe.
+    assert_eq!(a.from_agent(&eval), None);
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 7, "result": {"result": {"value": 2}}, "sessionId": page})
+    );
+    fake.assert_quiet(&conn).await;
+    // A reply is given once; the same bytes again are a new command.
+    let again = forwarded(&mut fake, &a, &eval).await;
+    assert_eq!(again["params"]["expression"], "1+1");
+    assert_eq!(
+        a.reconciliation().unwrap(),
+        json!({"mode": "continue", "replayed": [{"id": 7, "method": "Runtime.evaluate"}], "joined": 0, "unclaimed": 0, "superseded": 0, "lost": 0, "delivered": 0, "in_flight": 0})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_during_the_gap_are_replayed_only_on_identical_resend_reattach() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let create = r#"{"id":7,"method":"Target.createTarget","params":{"url":"about:blank"}}"#;
+    let sent = forwarded(&mut fake, &a, create).await;
+    let parked = a.park(BUDGET).unwrap();
+    answer(&mut fake, &sent, json!({"targetId": "T-NEW"})).await;
+    // The attach below is routed after the answer, so the answer is in the book by then.
+    let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
+    assert_eq!(parked.summary().answered_during_gap, 1);
+    assert_eq!(b.reconciliation(), None);
+    parked.drain_into(&b);
+    // Nothing runs on the drained link any more: it is detached at once.
+    expect_detach(&mut fake, "REAL-ROOT-A").await;
+    // A fresh conversation on a fresh session, with nothing flushed into it.
+    let version = forwarded(&mut fake, &b, r#"{"id":1,"method":"Browser.getVersion"}"#).await;
+    assert_eq!(version["sessionId"], "REAL-ROOT-B");
+    answer(&mut fake, &version, json!({})).await;
+    assert_eq!(next_json(&b).await, json!({"id": 1, "result": {}}));
+    // The identical re-send gets the stored reply; the target is not created twice.
+    assert_eq!(b.from_agent(create), None);
+    assert_eq!(
+        next_json(&b).await,
+        json!({"id": 7, "result": {"targetId": "T-NEW"}})
+    );
+    fake.assert_quiet(&conn).await;
+    let summary = b.reconciliation().unwrap();
+    assert_eq!(summary["mode"], "reattach");
+    assert_eq!(
+        summary["replayed"],
+        json!([{"id": 7, "method": "Target.createTarget"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_command_resent_after_resume_is_joined_answered_once_and_written_once() {
+    // Continue mode.
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let create = r#"{"id":5,"method":"Target.createTarget","params":{"url":"about:blank"}}"#;
+    let sent = forwarded(&mut fake, &a, create).await;
+    let a = a.park(BUDGET).unwrap().resume();
+    assert_eq!(a.from_agent(create), None);
+    fake.assert_quiet(&conn).await;
+    answer(&mut fake, &sent, json!({"targetId": "T5"})).await;
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 5, "result": {"targetId": "T5"}})
+    );
+    // Exactly once: the next frame answers the next command.
+    let next = forwarded(&mut fake, &a, r#"{"id":6,"method":"Browser.getVersion"}"#).await;
+    answer(&mut fake, &next, json!({})).await;
+    assert_eq!(next_json(&a).await, json!({"id": 6, "result": {}}));
+    assert_eq!(a.reconciliation().unwrap()["joined"], 1);
+
+    // Reattach mode.
+    let (c, _) = attach(&conn, &mut fake, "c", "REAL-ROOT-C").await;
+    let sent = forwarded(&mut fake, &c, create).await;
+    let parked = c.park(BUDGET).unwrap();
+    let (d, _) = attach(&conn, &mut fake, "d", "REAL-ROOT-D").await;
+    parked.drain_into(&d);
+    // Still attached: a command runs on it.
+    fake.assert_quiet(&conn).await;
+    assert_eq!(d.from_agent(create), None);
+    fake.assert_quiet(&conn).await;
+    answer(&mut fake, &sent, json!({"targetId": "T5"})).await;
+    assert_eq!(
+        next_json(&d).await,
+        json!({"id": 5, "result": {"targetId": "T5"}})
+    );
+    expect_detach(&mut fake, "REAL-ROOT-C").await;
+    let next = forwarded(&mut fake, &d, r#"{"id":6,"method":"Browser.getVersion"}"#).await;
+    assert_eq!(next["sessionId"], "REAL-ROOT-D");
+    answer(&mut fake, &next, json!({})).await;
+    assert_eq!(next_json(&d).await, json!({"id": 6, "result": {}}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_params_with_the_same_id_are_forwarded() {
+    // Continue mode: the same conversation reused the id, so the old command is superseded
+    // and its late answer dropped.
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let old = forwarded(
+        &mut fake,
+        &a,
+        r#"{"id":4,"method":"Browser.getVersion","params":{"n":1}}"#,
+    )
+    .await;
+    let a = a.park(BUDGET).unwrap().resume();
+    let new = forwarded(
+        &mut fake,
+        &a,
+        r#"{"id":4,"method":"Browser.getVersion","params":{"n":2}}"#,
+    )
+    .await;
+    assert_eq!(new["params"]["n"], 2);
+    assert_ne!(new["id"], old["id"]);
+    answer(&mut fake, &old, json!({"v": "old"})).await;
+    answer(&mut fake, &new, json!({"v": "new"})).await;
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 4, "result": {"v": "new"}})
+    );
+    assert_eq!(a.reconciliation().unwrap()["superseded"], 1);
+
+    // Reattach mode: a new conversation reuses ids; the entry is left alone and the original
+    // command can still claim its reply.
+    let (c, _) = attach(&conn, &mut fake, "c", "REAL-ROOT-C").await;
+    let original = r#"{"id":4,"method":"Browser.getVersion","params":{"n":1}}"#;
+    let old = forwarded(&mut fake, &c, original).await;
+    let parked = c.park(BUDGET).unwrap();
+    let (d, _) = attach(&conn, &mut fake, "d", "REAL-ROOT-D").await;
+    parked.drain_into(&d);
+    let new = forwarded(
+        &mut fake,
+        &d,
+        r#"{"id":4,"method":"Browser.getVersion","params":{"n":2}}"#,
+    )
+    .await;
+    assert_eq!(new["sessionId"], "REAL-ROOT-D");
+    answer(&mut fake, &new, json!({"v": "new"})).await;
+    assert_eq!(
+        next_json(&d).await,
+        json!({"id": 4, "result": {"v": "new"}})
+    );
+    answer(&mut fake, &old, json!({"v": "old"})).await;
+    expect_detach(&mut fake, "REAL-ROOT-C").await;
+    assert_eq!(d.from_agent(original), None);
+    assert_eq!(
+        next_json(&d).await,
+        json!({"id": 4, "result": {"v": "old"}})
+    );
+    fake.assert_quiet(&conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_link_detaches_when_its_last_pending_is_settled() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let first = r#"{"id":1,"method":"Browser.getVersion","params":{"n":1}}"#;
+    let second = r#"{"id":2,"method":"Browser.getVersion","params":{"n":2}}"#;
+    let sent1 = forwarded(&mut fake, &a, first).await;
+    let sent2 = forwarded(&mut fake, &a, second).await;
+    let parked = a.park(BUDGET).unwrap();
+    let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
+    parked.drain_into(&b);
+    answer(&mut fake, &sent1, json!({"n": 1})).await;
+    // One request still runs on the drained link: it stays attached.
+    fake.assert_quiet(&conn).await;
+    answer(&mut fake, &sent2, json!({"n": 2})).await;
+    expect_detach(&mut fake, "REAL-ROOT-A").await;
+    // Both answers wait for the successor, which never saw them unasked.
+    assert_eq!(b.from_agent(second), None);
+    assert_eq!(next_json(&b).await, json!({"id": 2, "result": {"n": 2}}));
+    assert_eq!(b.from_agent(first), None);
+    assert_eq!(next_json(&b).await, json!({"id": 1, "result": {"n": 1}}));
+    fake.assert_quiet(&conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_successor_detaches_the_draining_link() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    forwarded(&mut fake, &a, r#"{"id":1,"method":"Browser.getVersion"}"#).await;
+    let parked = a.park(BUDGET).unwrap();
+    let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
+    parked.drain_into(&b);
+    fake.assert_quiet(&conn).await;
+    drop(b);
+    let mut detached = Vec::new();
+    for _ in 0..2 {
+        let message = fake.recv().await;
+        assert_eq!(message["method"], "Target.detachFromTarget");
+        detached.push(message["params"]["sessionId"].as_str().unwrap().to_owned());
+    }
+    detached.sort();
+    assert_eq!(detached, ["REAL-ROOT-A", "REAL-ROOT-B"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_buffer_overflow_makes_the_park_not_intact() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let parked = a.park(200).unwrap();
+    for _ in 0..2 {
+        fake.send(json!({"method": "Target.targetInfoChanged", "sessionId": "REAL-ROOT-A", "params": {"pad": "x".repeat(150)}})).await;
+    }
+    fake.assert_quiet(&conn).await;
+    assert!(!parked.is_intact());
+    let summary = parked.summary();
+    assert!(summary.buffer_overflowed);
+    assert_eq!(summary.events_buffered, 0);
+    // Resumed anyway, the link only says why it ends.
+    let a = parked.resume();
+    match next_frame(&a).await {
+        ToAgent::Close { code, reason } => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("parked"), "{reason}");
+        }
+        other => panic!("expected a Close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaperone_methods_become_local_calls_only_on_browser_sessions() {
+    let (conn, mut fake) = start();
+    let (a, recorder) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    // The root session.
+    let call = a
+        .from_agent(r#"{"id":1,"method":"Chaperone.getResumeTicket","params":{"x":1}}"#)
+        .unwrap();
+    assert_eq!(
+        call,
+        LocalCall {
+            id: 1,
+            session: None,
+            method: "Chaperone.getResumeTicket".to_owned(),
+            params: json!({"x": 1}),
+        }
+    );
+    a.answer_local(&call, Ok(json!({"ticket": "T"})));
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 1, "result": {"ticket": "T"}})
+    );
+
+    // A second browser session (Playwright's newBrowserCDPSession).
+    let attach = forwarded(
+        &mut fake,
+        &a,
+        r#"{"id":2,"method":"Target.attachToBrowserTarget"}"#,
+    )
+    .await;
+    fake.send(json!({"method": "Target.attachedToTarget", "sessionId": "REAL-ROOT-A", "params": {"sessionId": "REAL-B2", "targetInfo": {"targetId": "B", "type": "browser"}, "waitingForDebugger": false}})).await;
+    answer(&mut fake, &attach, json!({"sessionId": "REAL-B2"})).await;
+    next_json(&a).await;
+    let browser = next_json(&a).await["result"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let call = a
+        .from_agent(
+            &json!({"id": 3, "method": "Chaperone.getResumeTicket", "sessionId": browser})
+                .to_string(),
+        )
+        .unwrap();
+    assert_eq!(call.session.as_deref(), Some(browser.as_str()));
+    assert_eq!(call.params, json!({}));
+    a.answer_local(&call, Err("no ticket for you".to_owned()));
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 3, "error": {"code": -32000, "message": "no ticket for you"}, "sessionId": browser})
+    );
+
+    // A page session: refused, reported, never forwarded.
+    let page = announce(&mut fake, &a, "REAL-ROOT-A", None, "REAL-PAGE", "page").await;
+    let on_page =
+        json!({"id": 4, "method": "Chaperone.getResumeTicket", "sessionId": page}).to_string();
+    assert_eq!(a.from_agent(&on_page), None);
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 4, "error": {"code": -32000, "message": CHAPERONE_BROWSER_ONLY}, "sessionId": page})
+    );
+    let denied = recorder.take();
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].1, "Chaperone.getResumeTicket");
+
+    // Chaperone.reconcile is the router's own, on any browser-kind session.
+    for (id, session) in [(5, None), (6, Some(browser.as_str()))] {
+        let mut frame = json!({"id": id, "method": "Chaperone.reconcile"});
+        if let Some(session) = session {
+            frame["sessionId"] = json!(session);
+        }
+        assert_eq!(a.from_agent(&frame.to_string()), None);
+        let mut expected = json!({"id": id, "result": {"operations": [], "eventsBuffered": 0, "bufferOverflowed": false}});
+        if let Some(session) = session {
+            expected["sessionId"] = json!(session);
+        }
+        assert_eq!(next_json(&a).await, expected);
+    }
+    // An unknown alias is answered like any other.
+    assert_eq!(
+        a.from_agent(r#"{"id":7,"method":"Chaperone.reconcile","sessionId":"NOPE"}"#),
+        None
+    );
+    assert_eq!(next_json(&a).await["error"]["code"], -32001);
+    fake.assert_quiet(&conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_and_replayed_replies_are_scrubbed_of_held_values() {
+    const SECRET: &str = "SECRET-VALUE-5be0c1";
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let held = || gate::Held::new(&[SECRET], Vec::new(), Vec::new(), FILES_DIR);
+    conn.held().set(held());
+    let call = a.from_agent(r#"{"id":1,"method":"Chaperone.x"}"#).unwrap();
+    a.answer_local(&call, Ok(json!({"echo": SECRET})));
+    let reply = next_json(&a).await;
+    assert_eq!(reply["id"], 1);
+    assert!(!reply.to_string().contains(SECRET), "{reply}");
+
+    // A reply stored while the value was not yet held is scrubbed when it is replayed.
+    conn.held().set(gate::Held::nothing(FILES_DIR));
+    let version = r#"{"id":2,"method":"Browser.getVersion"}"#;
+    let sent = forwarded(&mut fake, &a, version).await;
+    let parked = a.park(BUDGET).unwrap();
+    answer(&mut fake, &sent, json!({"product": SECRET})).await;
+    fake.assert_quiet(&conn).await;
+    conn.held().set(held());
+    let a = parked.resume();
+    assert_eq!(a.from_agent(version), None);
+    let reply = next_json(&a).await;
+    assert_eq!(reply["id"], 2);
+    assert!(!reply.to_string().contains(SECRET), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaperone_reconcile_lists_every_outcome() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let frame = |id: i64, n: Value| {
+        json!({"id": id, "method": "Browser.getVersion", "params": {"n": n}}).to_string()
+    };
+    let mut sent = vec![Value::Null];
+    for id in 1..=6 {
+        sent.push(forwarded(&mut fake, &a, &frame(id, json!(id))).await);
+    }
+    // 200 bytes hold the small replies, not the big one.
+    let parked = a.park(200).unwrap();
+    answer(&mut fake, &sent[1], json!({})).await;
+    answer(&mut fake, &sent[2], json!({"big": "x".repeat(400)})).await;
+    answer(&mut fake, &sent[4], json!({"v": 4})).await;
+    fake.assert_quiet(&conn).await;
+    let summary = parked.summary();
+    assert_eq!((summary.in_flight, summary.answered_during_gap), (3, 3));
+    let a = parked.resume();
+    // 4: claimed; 5: joined; 6: superseded; 2: lost, refused rather than run again.
+    assert_eq!(a.from_agent(&frame(4, json!(4))), None);
+    assert_eq!(next_json(&a).await, json!({"id": 4, "result": {"v": 4}}));
+    assert_eq!(a.from_agent(&frame(5, json!(5))), None);
+    let new6 = forwarded(&mut fake, &a, &frame(6, json!("other"))).await;
+    assert_eq!(a.from_agent(&frame(2, json!(2))), None);
+    let lost = next_json(&a).await;
+    assert_eq!(lost["id"], 2);
+    assert_eq!(lost["error"]["code"], -32000);
+    assert!(
+        lost["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already ran"),
+        "{lost}"
+    );
+    fake.assert_quiet(&conn).await;
+
+    let op = |id: i64, outcome: &str| json!({"id": id, "sessionId": null, "method": "Browser.getVersion", "outcome": outcome});
+    assert_eq!(
+        a.from_agent(r#"{"id":100,"method":"Chaperone.reconcile"}"#),
+        None
+    );
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 100, "result": {"operations": [op(1, "answered"), op(2, "lost"), op(3, "in_flight"), op(4, "claimed"), op(5, "joined"), op(6, "superseded")], "eventsBuffered": 0, "bufferOverflowed": false}})
+    );
+    assert_eq!(
+        a.reconciliation().unwrap(),
+        json!({"mode": "continue", "replayed": [{"id": 4, "method": "Browser.getVersion"}], "joined": 1, "unclaimed": 1, "superseded": 1, "lost": 1, "delivered": 0, "in_flight": 1})
+    );
+
+    // What still runs is answered normally; the superseded command's answer is dropped.
+    answer(&mut fake, &sent[6], json!({"v": "old 6"})).await;
+    answer(&mut fake, &sent[3], json!({"v": 3})).await;
+    answer(&mut fake, &sent[5], json!({"v": 5})).await;
+    answer(&mut fake, &new6, json!({"v": "new 6"})).await;
+    assert_eq!(next_json(&a).await, json!({"id": 3, "result": {"v": 3}}));
+    assert_eq!(next_json(&a).await, json!({"id": 5, "result": {"v": 5}}));
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 6, "result": {"v": "new 6"}})
+    );
+    assert_eq!(
+        a.from_agent(r#"{"id":101,"method":"Chaperone.reconcile"}"#),
+        None
+    );
+    assert_eq!(
+        next_json(&a).await["result"]["operations"][2]["outcome"],
+        "delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_queued_but_unsent_at_park_time_are_kept_for_replay() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let version = r#"{"id":9,"method":"Browser.getVersion"}"#;
+    let sent = forwarded(&mut fake, &a, version).await;
+    answer(&mut fake, &sent, json!({"product": "Fake"})).await;
+    // A refusal the router made itself: nothing ran, so it is simply dropped.
+    assert_eq!(a.from_agent(r#"{"id":10,"method":"Browser.crash"}"#), None);
+    fake.assert_quiet(&conn).await;
+    let parked = a.park(BUDGET).unwrap();
+    assert_eq!(parked.summary().answered_during_gap, 1);
+    let a = parked.resume();
+    fake.send(json!({"method": "Marker.event", "sessionId": "REAL-ROOT-A"}))
+        .await;
+    assert_eq!(next_json(&a).await["method"], "Marker.event");
+    assert_eq!(a.from_agent(version), None);
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 9, "result": {"product": "Fake"}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_parked_link_detaches_it_and_a_closed_link_cannot_park() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    assert!(a.id().get() > 0);
+    let parked = a.park(BUDGET).unwrap();
+    fake.assert_quiet(&conn).await;
+    drop(parked);
+    expect_detach(&mut fake, "REAL-ROOT-A").await;
+
+    let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
+    assert_eq!(b.from_agent(r#"{"id":1,"method":"Browser.close"}"#), None);
+    let b = b.park(BUDGET).unwrap_err();
+    drop(b);
+    expect_detach(&mut fake, "REAL-ROOT-B").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_kept_for_a_parked_link_include_session_closed() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let page = announce(&mut fake, &a, "REAL-ROOT-A", None, "REAL-PAGE", "page").await;
+    let eval = json!({"id": 3, "method": "Runtime.evaluate", "sessionId": page}).to_string();
+    forwarded(&mut fake, &a, &eval).await;
+    let parked = a.park(BUDGET).unwrap();
+    fake.send(json!({"method": "Target.detachedFromTarget", "sessionId": "REAL-ROOT-A", "params": {"sessionId": "REAL-PAGE"}})).await;
+    fake.assert_quiet(&conn).await;
+    assert_eq!(parked.summary().answered_during_gap, 1);
+    let a = parked.resume();
+    // The event first; the answer only on the re-send, which never reaches the pipe.
+    assert_eq!(next_json(&a).await["method"], "Target.detachedFromTarget");
+    assert_eq!(a.from_agent(&eval), None);
+    assert_eq!(
+        next_json(&a).await,
+        json!({"id": 3, "error": {"code": -32001, "message": "Session closed"}, "sessionId": page})
+    );
+    fake.assert_quiet(&conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gap_carries_what_the_first_left_unclaimed() {
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let first = r#"{"id":1,"method":"Target.createTarget","params":{"url":"about:blank"}}"#;
+    let second = r#"{"id":2,"method":"Target.createTarget","params":{"url":"data:,2"}}"#;
+    let sent1 = forwarded(&mut fake, &a, first).await;
+    let sent2 = forwarded(&mut fake, &a, second).await;
+    let parked_a = a.park(BUDGET).unwrap();
+    answer(&mut fake, &sent1, json!({"targetId": "T1"})).await;
+    let (b, _) = attach(&conn, &mut fake, "b", "REAL-ROOT-B").await;
+    parked_a.drain_into(&b);
+    // The successor drops too, before re-sending anything.
+    let parked_b = b.park(BUDGET).unwrap();
+    assert_eq!(
+        parked_b.summary(),
+        ParkSummary {
+            in_flight: 1,
+            answered_during_gap: 1,
+            events_buffered: 0,
+            buffer_overflowed: false
+        }
+    );
+    answer(&mut fake, &sent2, json!({"targetId": "T2"})).await;
+    expect_detach(&mut fake, "REAL-ROOT-A").await;
+    let (c, _) = attach(&conn, &mut fake, "c", "REAL-ROOT-C").await;
+    parked_b.drain_into(&c);
+    expect_detach(&mut fake, "REAL-ROOT-B").await;
+    assert_eq!(c.from_agent(second), None);
+    assert_eq!(
+        next_json(&c).await,
+        json!({"id": 2, "result": {"targetId": "T2"}})
+    );
+    assert_eq!(c.from_agent(first), None);
+    assert_eq!(
+        next_json(&c).await,
+        json!({"id": 1, "result": {"targetId": "T1"}})
+    );
+    fake.assert_quiet(&conn).await;
+}
+
 #[test]
 fn close_reasons_fit_a_close_frame() {
     let long = "é".repeat(100);

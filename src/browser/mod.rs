@@ -7,4 +7,6 @@ mod envelope;
 pub mod pipe;
 pub mod protocol;
 
-pub use conn::{AgentId, AgentLink, BrowserConn, CdpError, ToAgent};
+pub use conn::{
+    AgentId, AgentLink, BrowserConn, CdpError, LocalCall, ParkSummary, ParkedLink, ToAgent,
+};

@@ -422,9 +422,12 @@ async fn agent_connection(
                         let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
                         break;
                     }
-                    match page.as_ref() {
+                    let local = match page.as_ref() {
                         None => link.from_agent(t.as_str()),
                         Some(p) => link.from_agent(&p.inbound(t.as_str())),
+                    };
+                    if let Some(call) = local {
+                        link.answer_local(&call, Err(format!("'{}' wasn't found", call.method)));
                     }
                 }
                 Some(Ok(Message::Binary(b))) => {
@@ -436,9 +439,12 @@ async fn agent_connection(
                     // Chromium treats binary frames as text; so do we, invalid UTF-8 included
                     // (the router answers it as a parse error).
                     let t = String::from_utf8_lossy(&b);
-                    match page.as_ref() {
+                    let local = match page.as_ref() {
                         None => link.from_agent(&t),
                         Some(p) => link.from_agent(&p.inbound(&t)),
+                    };
+                    if let Some(call) = local {
+                        link.answer_local(&call, Err(format!("'{}' wasn't found", call.method)));
                     }
                 }
                 Some(Ok(Message::Close(_))) | None => break,
