@@ -132,6 +132,8 @@ pub trait AuditSink: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Audit {
     sink: Arc<dyn AuditSink>,
+    /// Fields added to every record of a session (e.g. its bound agent identity).
+    tags: Arc<std::sync::RwLock<std::collections::HashMap<String, Map<String, Value>>>>,
 }
 
 fn as_fields(fields: Value) -> Map<String, Value> {
@@ -145,7 +147,42 @@ fn as_fields(fields: Value) -> Map<String, Value> {
 impl Audit {
     /// Wraps a sink.
     pub fn new(sink: Arc<dyn AuditSink>) -> Audit {
-        Audit { sink }
+        Audit {
+            sink,
+            tags: Arc::default(),
+        }
+    }
+
+    /// From now on, every record of `session` carries `fields` (a field the record sets
+    /// itself wins). [`Audit::untag_session`] ends it.
+    pub fn tag_session(&self, session: &str, fields: Map<String, Value>) {
+        self.tags
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.to_string(), fields);
+    }
+
+    /// Stops tagging `session`'s records.
+    pub fn untag_session(&self, session: &str) {
+        self.tags
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+    }
+
+    fn entry(&self, event: &str, session: Option<&str>, fields: Value) -> Entry {
+        let mut fields = as_fields(fields);
+        if let Some(id) = session {
+            let tags = self.tags.read().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in tags.get(id).into_iter().flatten() {
+                fields.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        Entry {
+            event: event.to_string(),
+            session: session.map(str::to_string),
+            fields,
+        }
     }
 
     /// Opens (or creates) the file log at `path`, plain and never rotated.
@@ -168,11 +205,7 @@ impl Audit {
     ) -> Result<u64, AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.sink.submit(
-            Entry {
-                event: event.to_string(),
-                session: session.map(str::to_string),
-                fields: as_fields(fields),
-            },
+            self.entry(event, session, fields),
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -185,11 +218,7 @@ impl Audit {
     pub fn record_detached(&self, event: &str, session: Option<&str>, fields: Value) {
         let name = event.to_string();
         self.sink.submit(
-            Entry {
-                event: event.to_string(),
-                session: session.map(str::to_string),
-                fields: as_fields(fields),
-            },
+            self.entry(event, session, fields),
             Box::new(move |r| {
                 if let Err(e) = r {
                     tracing::error!(error = %e, event = name, "audit record lost");

@@ -83,6 +83,18 @@ pub struct Config {
     /// Calls the supervisor itself makes upstream with held credentials (OAuth refresh,
     /// revocation at session end).
     pub upstream: UpstreamConfig,
+    /// Where the registry records resumption state.
+    pub registry: RegistryConfig,
+}
+
+/// `[registry]`: the durable record of resume tickets, detaches and resumptions.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Append every ticket issued and used, every detach and resumption to this file (JSON
+    /// Lines, synced per line). A resumption whose record cannot be written is refused.
+    /// Default none: memory only.
+    pub journal: Option<PathBuf>,
 }
 
 /// `[upstream]`: the supervisor's own HTTPS client, which refreshes OAuth access tokens and
@@ -217,6 +229,10 @@ pub struct LimitsConfig {
     pub max_mandate_bytes: usize,
     /// Largest websocket message accepted from an agent.
     pub max_agent_message: bytesize::ByteSize,
+    /// What a dropped agent connection may keep for its resumption: the events buffered and
+    /// the answers kept for replay, each (default 16 MiB). Beyond it the connection is not
+    /// kept and a `continue=1` resumption is refused.
+    pub resume_buffer: bytesize::ByteSize,
 }
 
 impl Default for Config {
@@ -249,6 +265,7 @@ impl Default for Config {
             sandbox: SandboxConfig::default(),
             limits: LimitsConfig::default(),
             upstream: UpstreamConfig::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -282,6 +299,7 @@ impl Default for LimitsConfig {
             max_ttl: Duration::from_secs(crate::mandate::DEFAULT_MAX_TTL_SECS),
             max_mandate_bytes: 256 * 1024,
             max_agent_message: bytesize::ByteSize::mib(16),
+            resume_buffer: bytesize::ByteSize::mib(16),
         }
     }
 }

@@ -3,7 +3,9 @@
 //! `POST /v1/sessions` (body: a mandate) → 201 with `id`, `state`, `cdp_url`, `http_url`,
 //! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `PATCH /v1/sessions/{id}`
 //! (change the live mandate, see [`crate::session::patch`]); `DELETE /v1/sessions/{id}`
-//! (revoke, answers once purged); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's
+//! (revoke, answers once purged); `POST /v1/sessions/{id}/resume-ticket` (a resume ticket for
+//! a dropped agent); `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys;
+//! revoking one ends its sessions); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's
 //! audit records); `GET /healthz`; `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
 
@@ -14,7 +16,7 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -38,6 +40,9 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
     Router::new()
         .route("/v1/sessions", get(list).post(create))
         .route("/v1/sessions/{id}", get(show).delete(revoke).patch(change))
+        .route("/v1/sessions/{id}/resume-ticket", post(resume_ticket))
+        .route("/v1/agent-keys", get(list_keys).post(issue_key))
+        .route("/v1/agent-keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -87,7 +92,11 @@ fn registry_error(e: RegistryError) -> Response {
         RegistryError::Patch(crate::session::patch::PatchError::NeedsApproval(_)) => {
             StatusCode::FORBIDDEN
         }
-        RegistryError::Patch(_) => StatusCode::BAD_REQUEST,
+        RegistryError::Patch(_) | RegistryError::Identity(_) => StatusCode::BAD_REQUEST,
+        RegistryError::AgentKey(crate::session::identity::KeyError::NotFound(_)) => {
+            StatusCode::NOT_FOUND
+        }
+        RegistryError::AgentKey(_) => StatusCode::BAD_REQUEST,
         RegistryError::Launch(_) | RegistryError::Audit(_) | RegistryError::PurgeFailed(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -163,6 +172,107 @@ async fn show(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
 async fn revoke(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
     match ctl.reg.revoke(&id).await {
         Ok(s) => Json(s.view(ctl.reg.urls())).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+/// `POST /v1/sessions/{id}/resume-ticket`: a resume ticket for the session's agent, issued by
+/// an operator (e.g. for an agent that restarted and lost its own). 201 with the ticket and
+/// the agent URLs that carry it.
+async fn resume_ticket(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    let Some(s) = ctl.reg.get(&id) else {
+        return registry_error(RegistryError::NotFound(id));
+    };
+    if !s.is_running() {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "session `{id}` is {}; tickets are issued for active or detached sessions",
+                s.state().name()
+            ),
+        );
+    }
+    match ctl.reg.issue_ticket(&s, None, None, "control").await {
+        Ok(t) => {
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("ticket", &t.ticket)
+                .finish();
+            let urls = ctl.reg.urls();
+            (
+                StatusCode::CREATED,
+                Json(json!({
+                    "session": s.id,
+                    "ticket": t.ticket,
+                    "seq": t.seq,
+                    "expires_at": crate::session::rfc3339(t.expires_at),
+                    "valid_secs_after_disconnect": t.valid_after_disconnect.as_secs(),
+                    "cdp_url": format!("{}?{q}", urls.cdp_url(&s.capability)),
+                    "http_url": format!("{}?{q}", urls.http_url(&s.capability)),
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("resume ticket: {e}"),
+        ),
+    }
+}
+
+/// `POST /v1/agent-keys` `{"label": "…"}`: 201 with `id`, `label`, `created_at` and `key`, the
+/// only time the key is shown.
+async fn issue_key(State(ctl): State<Ctl>, body: axum::body::Bytes) -> Response {
+    let label = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(v) => match v.get("label").and_then(|l| l.as_str()) {
+            Some(l) => l.to_string(),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "label: required, a string naming the agent",
+                )
+            }
+        },
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body: expected a JSON object: {e}"),
+            )
+        }
+    };
+    match ctl.reg.agent_keys().issue(&label) {
+        Ok((info, key)) => {
+            let recorded = ctl
+                .reg
+                .audit()
+                .record(
+                    "agent_key.issued",
+                    None,
+                    json!({"agent_key": info.id, "label": info.label}),
+                )
+                .await;
+            if let Err(e) = recorded {
+                // A key that is not in the audit log is not handed out.
+                let _ = ctl.reg.agent_keys().revoke(&info.id);
+                return error(StatusCode::INTERNAL_SERVER_ERROR, format!("audit log: {e}"));
+            }
+            let mut v = json!(info);
+            v["key"] = key.into();
+            (StatusCode::CREATED, Json(v)).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// `GET /v1/agent-keys`: `{"keys": [...]}`, never the keys themselves.
+async fn list_keys(State(ctl): State<Ctl>) -> Response {
+    Json(json!({ "keys": ctl.reg.agent_keys().list() })).into_response()
+}
+
+/// `DELETE /v1/agent-keys/{id}`: revokes the key and ends (purges) every session bound to it
+/// before answering.
+async fn revoke_key(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    match ctl.reg.revoke_agent_key(&id).await {
+        Ok(info) => Json(json!(info)).into_response(),
         Err(e) => registry_error(e),
     }
 }

@@ -60,6 +60,30 @@ pub struct Mandate {
     /// applies to each leak).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly: Option<AnomalyThreshold>,
+    /// Who may drive the session (AG-374 4.2): an operator-issued agent key and/or pinned
+    /// client certificates. Without it, the session's capability URL is the only credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<AgentIdentity>,
+    /// How many agent connections may be open at once. Default 1: a second connection is
+    /// refused while one is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_agent_connections: Option<u32>,
+    /// How long a session whose last agent connection dropped (`detached`) waits for a
+    /// resumption before it is ended and purged. Default 3600, at most 28800.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_window_secs: Option<u64>,
+    /// How long a resume ticket stays valid after the connection drops (or after it is
+    /// issued, if later). Default 300, from 5 to 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_ticket_ttl_secs: Option<u64>,
+    /// Whether re-attaching to a detached session needs a resume ticket. Default true;
+    /// `false` lets the capability (and identity) alone reconnect, audited as such.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_requires_ticket: Option<bool>,
+    /// After a resumption, credentials are not injected until this many seconds passed
+    /// (AG-374 4.11, progressive restoration). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_quiet_secs: Option<u64>,
     /// Where the browser may connect. The default allows nothing.
     #[serde(default)]
     pub egress: Egress,
@@ -75,6 +99,42 @@ pub struct Mandate {
     /// always failed; `revoke` (default) also ends the session.
     #[serde(default)]
     pub on_leak: OnLeak,
+}
+
+/// See [`Mandate::identity`]. When both parts are given, both must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentIdentity {
+    /// Id of an agent key issued by `POST /v1/agent-keys` (`ak_…`); the agent presents the key
+    /// itself as `Authorization: Bearer chak_…` (or the `agent_key` query parameter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_key: Option<String>,
+    /// SHA-256 fingerprints (hex, colons allowed) of client certificates accepted on the
+    /// agent endpoint's mutual TLS; needs `[tls] client_auth` in the server config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_cert_sha256: Vec<String>,
+}
+
+/// Defaults and limits of the resumption fields.
+pub const DEFAULT_RESUME_WINDOW_SECS: u64 = 3600;
+/// See [`Mandate::resume_window_secs`].
+pub const MAX_RESUME_WINDOW_SECS: u64 = 28_800;
+/// See [`Mandate::resume_ticket_ttl_secs`].
+pub const DEFAULT_RESUME_TICKET_TTL_SECS: u64 = 300;
+
+/// The resumption rules of a mandate, with defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumePolicy {
+    /// `max_agent_connections`.
+    pub max_connections: usize,
+    /// `resume_window_secs`.
+    pub window: std::time::Duration,
+    /// `resume_ticket_ttl_secs`.
+    pub ticket_ttl: std::time::Duration,
+    /// `resume_requires_ticket`.
+    pub requires_ticket: bool,
+    /// `resume_quiet_secs`.
+    pub quiet: std::time::Duration,
 }
 
 /// See [`Mandate::unlisted_credentials`].
@@ -319,6 +379,8 @@ pub struct ValidMandate {
     pub window: Option<Schedule>,
     /// The idle limit.
     pub idle_timeout: Option<std::time::Duration>,
+    /// Connection and resumption rules.
+    pub resume: ResumePolicy,
 }
 
 /// Why a valid mandate cannot start a session right now.
@@ -359,6 +421,27 @@ impl ValidMandate {
             }
         }
         Ok(())
+    }
+
+    /// Whether a detached session may resume at `now` under this mandate: before its end and
+    /// inside its window (`not_before` does not apply: the session already started).
+    pub fn may_resume(&self, now: OffsetDateTime) -> Result<(), NotNow> {
+        if now >= self.expires_at {
+            return Err(NotNow {
+                field: "not_after",
+                message: format!(
+                    "the mandate ended at {}",
+                    crate::session::rfc3339(self.expires_at)
+                ),
+            });
+        }
+        match &self.window {
+            Some(w) if w.open_until(now).is_none() => Err(NotNow {
+                field: "window",
+                message: format!("the mandate's window ({}) is closed now", w.tz_name()),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// When the session must end if nothing else ends it first, and why: the mandate's
@@ -582,6 +665,12 @@ impl Mandate {
         if check_values {
             validate_credentials(&self.credentials)?;
         }
+        let resume = validate_resume(&self)?;
+        let mut this = self;
+        if let Some(id) = &mut this.identity {
+            validate_identity(id)?;
+        }
+        let this = this;
         Ok(ValidMandate {
             egress: EgressPolicy {
                 allow,
@@ -593,7 +682,8 @@ impl Mandate {
             expires_at,
             window,
             idle_timeout,
-            source: self,
+            resume,
+            source: this,
         })
     }
 }
@@ -648,6 +738,91 @@ const RESERVED_HEADERS: &[&str] = &[
     "proxy-authorization",
     "proxy-connection",
 ];
+
+fn validate_resume(m: &Mandate) -> Result<ResumePolicy, MandateError> {
+    let in_range = |field: &str, v: Option<u64>, default: u64, lo: u64, hi: u64| match v {
+        None => Ok(default),
+        Some(v) if (lo..=hi).contains(&v) => Ok(v),
+        Some(v) => Err(MandateError::new(
+            field,
+            format!("{v} is out of range; give {lo} to {hi} seconds"),
+        )),
+    };
+    let max_connections = match m.max_agent_connections {
+        None => 1,
+        Some(n @ 1..=64) => n as usize,
+        Some(n) => {
+            return Err(MandateError::new(
+                "max_agent_connections",
+                format!("{n} is out of range; give 1 to 64"),
+            ))
+        }
+    };
+    Ok(ResumePolicy {
+        max_connections,
+        window: std::time::Duration::from_secs(in_range(
+            "resume_window_secs",
+            m.resume_window_secs,
+            DEFAULT_RESUME_WINDOW_SECS,
+            1,
+            MAX_RESUME_WINDOW_SECS,
+        )?),
+        ticket_ttl: std::time::Duration::from_secs(in_range(
+            "resume_ticket_ttl_secs",
+            m.resume_ticket_ttl_secs,
+            DEFAULT_RESUME_TICKET_TTL_SECS,
+            5,
+            3600,
+        )?),
+        requires_ticket: m.resume_requires_ticket.unwrap_or(true),
+        quiet: std::time::Duration::from_secs(in_range(
+            "resume_quiet_secs",
+            m.resume_quiet_secs,
+            0,
+            0,
+            3600,
+        )?),
+    })
+}
+
+/// Checks the identity and writes its certificate pins in one form (lowercase hex).
+fn validate_identity(id: &mut AgentIdentity) -> Result<(), MandateError> {
+    if id.agent_key.is_none() && id.client_cert_sha256.is_empty() {
+        return Err(MandateError::new(
+            "identity",
+            "names nothing; give agent_key, client_cert_sha256, or both (or leave identity out)",
+        ));
+    }
+    if let Some(k) = &id.agent_key {
+        let ok = k.len() == 11
+            && k.starts_with("ak_")
+            && k[3..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if !ok {
+            return Err(MandateError::new(
+                "identity.agent_key",
+                "must be the id of an agent key (`ak_` and 8 hex digits, as POST /v1/agent-keys \
+                 answers), not the key itself",
+            ));
+        }
+    }
+    for (i, pin) in id.client_cert_sha256.iter_mut().enumerate() {
+        let hex: String = pin
+            .chars()
+            .filter(|c| *c != ':')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(MandateError::new(
+                format!("identity.client_cert_sha256[{i}]"),
+                "must be a SHA-256 fingerprint: 64 hex digits (colons allowed)",
+            ));
+        }
+        *pin = hex;
+    }
+    Ok(())
+}
 
 fn validate_credentials(creds: &[Credential]) -> Result<(), MandateError> {
     let mut ids = std::collections::BTreeSet::new();
@@ -1021,6 +1196,62 @@ mod tests {
         }
         let m = check(r#"{"agent":"a","not_after":"2027-01-15T08:30:00Z"}"#).unwrap();
         assert_eq!(m.expires_at, now() + time::Duration::seconds(1_800));
+    }
+
+    #[test]
+    fn resumption_fields_default_and_are_bounded() {
+        let m = check(r#"{"agent":"a","ttl_secs":60}"#).unwrap();
+        assert_eq!(m.resume.max_connections, 1);
+        assert_eq!(m.resume.window.as_secs(), DEFAULT_RESUME_WINDOW_SECS);
+        assert_eq!(
+            m.resume.ticket_ttl.as_secs(),
+            DEFAULT_RESUME_TICKET_TTL_SECS
+        );
+        assert!(m.resume.requires_ticket);
+        assert!(m.resume.quiet.is_zero());
+        for (json, field) in [
+            (r#""max_agent_connections":0"#, "max_agent_connections"),
+            (r#""max_agent_connections":65"#, "max_agent_connections"),
+            (r#""resume_window_secs":0"#, "resume_window_secs"),
+            (r#""resume_window_secs":28801"#, "resume_window_secs"),
+            (r#""resume_ticket_ttl_secs":4"#, "resume_ticket_ttl_secs"),
+            (r#""resume_quiet_secs":3601"#, "resume_quiet_secs"),
+            (r#""identity":{}"#, "identity"),
+            (
+                r#""identity":{"agent_key":"chak_secretvalue"}"#,
+                "identity.agent_key",
+            ),
+            (
+                r#""identity":{"client_cert_sha256":["abc"]}"#,
+                "identity.client_cert_sha256[0]",
+            ),
+            (
+                r#""identity":{"agent_key":"ak_0123abcd","x":1}"#,
+                "identity.x",
+            ),
+        ] {
+            let e = check(&format!(r#"{{"agent":"a","ttl_secs":60,{json}}}"#)).unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+        let pin = "AB:".repeat(31) + "AB";
+        let m = check(&format!(
+            r#"{{"agent":"a","ttl_secs":60,"max_agent_connections":3,"resume_window_secs":28800,
+                "identity":{{"agent_key":"ak_0123abcd","client_cert_sha256":["{pin}"]}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.resume.max_connections, 3);
+        let id = m.source.identity.unwrap();
+        assert_eq!(id.client_cert_sha256, ["ab".repeat(32)]);
+    }
+
+    #[test]
+    fn a_session_may_resume_only_before_its_end_and_inside_its_window() {
+        let m = check(r#"{"agent":"a","ttl_secs":60}"#).unwrap();
+        assert!(m.may_resume(now()).is_ok());
+        let e = m
+            .may_resume(now() + time::Duration::seconds(60))
+            .unwrap_err();
+        assert_eq!(e.field, "not_after");
     }
 
     #[test]

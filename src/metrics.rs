@@ -52,6 +52,15 @@ pub struct Metrics {
     /// Per-session, per-destination egress traffic, read from the sessions' own counters at
     /// each scrape.
     pub egress_traffic: EgressTrafficSeries,
+    /// Resumption attempts of detached sessions, by outcome (`resumed` or the refusal reason).
+    pub resume_attempts: Family<OutcomeLabel, Counter>,
+}
+
+/// Label for how a resumption attempt ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `resumed`, or the refusal reason (`replayed`, `expired`, …).
+    pub outcome: String,
 }
 
 /// The `chaperone_egress_host_*` series: each live session's [`Traffic`], by destination host.
@@ -170,6 +179,7 @@ impl Default for Metrics {
             cdp_denied: Counter::default(),
             credential_events: Family::default(),
             egress_traffic: EgressTrafficSeries::default(),
+            resume_attempts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -216,6 +226,11 @@ impl Default for Metrics {
             "credential_events",
             "Credential broker decisions recorded in the audit log, by kind",
             m.credential_events.clone(),
+        );
+        registry.register(
+            "resume_attempts",
+            "Resumption attempts of detached sessions, by outcome",
+            m.resume_attempts.clone(),
         );
         registry.register_collector(Box::new(m.egress_traffic.clone()));
         Metrics { registry, ..m }

@@ -138,6 +138,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 "pid": std::process::id(),
                 "listen": listen.to_string(),
                 "control": cfg.control.to_string(),
+                // Resume tickets are bound to this instance (AG-374 4.8).
+                "instance": registry.instance(),
             }),
         )
         .await?;

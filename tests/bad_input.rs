@@ -118,7 +118,8 @@ fn bad_agent_frames_get_errors_and_spare_other_sessions() {
             &format!("/v1/sessions/{}", id.as_str().unwrap()),
             None,
         );
-        assert_eq!(v["state"], "active");
+        // Still running: the agents left, so the sessions wait (detached) for a resumption.
+        assert!(v["state"] == "active" || v["state"] == "detached", "{v}");
     }
 }
 

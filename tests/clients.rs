@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use futures_util::StreamExt;
-use serde_json::Value;
 
 fn drive_node(script: &str, endpoint: &str) {
     let site = Site::start(TEST_PAGE);
@@ -35,14 +34,79 @@ fn drive_node(script: &str, endpoint: &str) {
     assert_eq!(verdict["sum"], 2);
     assert!(verdict["shot_bytes"].as_u64().unwrap() > 1000);
     assert!(site.hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
-    // The browser is still the supervisor's after the client closed its connection.
-    let (status, body) = sup.api(
-        "GET",
-        &format!("/v1/sessions/{}", s["id"].as_str().unwrap()),
-        None,
-    );
+    // The browser is still the supervisor's after the client closed its connection: the
+    // session waits, detached, for a resumption.
+    still_running_after_disconnect(&sup, s["id"].as_str().unwrap());
+}
+
+fn still_running_after_disconnect(sup: &Supervisor, id: &str) {
+    sup.wait_audit("session.detached", |r| {
+        r["event"] == "session.detached" && r["session"] == id
+    });
+    let (status, body) = sup.api("GET", &format!("/v1/sessions/{id}"), None);
     assert_eq!(status, 200);
-    assert_eq!(body["state"], "active", "{body}");
+    assert_eq!(body["state"], "detached", "{body}");
+}
+
+/// An agent process that dies and a new one that comes back with the ticket the first got
+/// over CDP (`Chaperone.getResumeTicket`) and finds its page still open.
+fn resume_after_crash(client: &str, via_http: bool) {
+    let site = Site::start(TEST_PAGE);
+    let sup = Supervisor::start();
+    let s = sup.session(&mandate(300, &["site.test"]));
+    let id = s["id"].as_str().unwrap().to_string();
+    let site_url = format!("http://site.test:{}/", site.port());
+    let first = node_client(
+        "resume.mjs",
+        &[
+            ("CLIENT", client.to_string()),
+            ("PHASE", "first".into()),
+            ("CHAPERONE_CDP_URL", s["cdp_url"].as_str().unwrap().into()),
+            ("SITE_URL", site_url.clone()),
+        ],
+    );
+    assert_eq!(first["ok"], true, "{client} first phase: {first}");
+    still_running_after_disconnect(&sup, &id);
+    let url = if via_http {
+        first["httpUrl"].as_str().unwrap()
+    } else {
+        first["resumeUrl"].as_str().unwrap()
+    };
+    let second = node_client(
+        "resume.mjs",
+        &[
+            ("CLIENT", client.to_string()),
+            ("PHASE", "second".into()),
+            ("RESUME_URL", url.to_string()),
+            ("SITE_URL", site_url),
+        ],
+    );
+    assert_eq!(second["ok"], true, "{client} second phase: {second}");
+    assert_eq!(second["msg"], "hello from site");
+    assert_eq!(second["nextSeq"], 2);
+    let resumed = sup.wait_audit("session.resumed", |r| {
+        r["event"] == "session.resumed" && r["session"] == id.as_str()
+    });
+    assert_eq!(resumed["freshness"]["result"], "ok", "{resumed}");
+    assert_eq!(resumed["freshness"]["issued_via"], "cdp");
+    assert_eq!(resumed["freshness"]["ticket_seq"], first["seq"]);
+    let log = std::fs::read_to_string(&sup.audit).unwrap();
+    assert!(!log.contains("chpr1."), "a ticket is in the audit log");
+}
+
+#[test]
+fn playwright_reconnects_with_a_resume_ticket() {
+    resume_after_crash("playwright", false);
+}
+
+#[test]
+fn playwright_reconnects_with_a_resume_ticket_on_the_http_url() {
+    resume_after_crash("playwright", true);
+}
+
+#[test]
+fn puppeteer_reconnects_with_a_resume_ticket() {
+    resume_after_crash("puppeteer", false);
 }
 
 #[test]
@@ -95,12 +159,5 @@ fn chromiumoxide_browser_connect() {
         assert_eq!(sum, 2);
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     });
-    let (_, list) = sup.api("GET", "/v1/sessions", None);
-    let states: Vec<&Value> = list["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| &s["state"])
-        .collect();
-    assert_eq!(states, vec!["active"]);
+    still_running_after_disconnect(&sup, s["id"].as_str().unwrap());
 }

@@ -190,20 +190,28 @@ fn ag120_4_5_idle_timeout_ends_a_session_once_the_agent_goes_quiet() {
 #[test]
 fn ag120_4_5_agent_disconnect_ends_the_session_only_when_the_mandate_says_so() {
     let sup = Supervisor::start();
-    // Default: an agent may leave and come back.
+    // Default: an agent may leave and come back (with a resume ticket, see tests/resume.rs).
     let s = sup.session(&mandate(600, &["site.test"]));
     let url = s["cdp_url"].as_str().unwrap().to_string();
+    let first = s["id"].as_str().unwrap().to_string();
     rt().block_on(async {
         let mut c = Cdp::connect(&url).await;
         c.call("Browser.getVersion", json!({}), None).await;
         drop(c);
-        let mut again = Cdp::connect(&url).await;
+    });
+    sup.wait_audit("session.detached", |r| {
+        r["event"] == "session.detached" && r["session"] == first.as_str()
+    });
+    let (_, t) = sup.api("POST", &format!("/v1/sessions/{first}/resume-ticket"), None);
+    rt().block_on(async {
+        let mut again = Cdp::connect(t["cdp_url"].as_str().unwrap()).await;
         let v = again.call("Browser.getVersion", json!({}), None).await;
         assert!(v.get("result").is_some(), "reconnecting failed: {v}");
     });
 
     let mut m = mandate(600, &["site.test"]);
     m["revoke_on_disconnect"] = json!(true);
+    m["max_agent_connections"] = json!(2);
     let s = sup.session(&m);
     let id = s["id"].as_str().unwrap().to_string();
     let procs_before = chromium_under(sup.pid()).len();
@@ -232,7 +240,10 @@ fn ag120_4_5_agent_disconnect_ends_the_session_only_when_the_mandate_says_so() {
         .iter()
         .map(|s| s["state"].as_str().unwrap())
         .collect();
-    assert_eq!(states, ["active", "purged"], "{first}");
+    assert!(
+        ["active", "detached"].contains(&states[0]) && states[1] == "purged",
+        "{first}"
+    );
 }
 
 #[test]

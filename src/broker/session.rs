@@ -292,6 +292,16 @@ impl Broker {
         *lock(&self.state.rules) = (unlisted, on_leak);
     }
 
+    /// The ids of the credentials the vault holds now (not those a narrowed mandate removed).
+    pub fn credential_ids(&self) -> Vec<String> {
+        lock(&self.state.vault)
+            .credentials()
+            .iter()
+            .filter(|c| !c.is_removed())
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
     /// Takes a credential away (a narrowed mandate): its values are dropped and zeroized at
     /// once, the gate stops treating its cookies as held, and its site is handled as a site
     /// without a credential from the next request on. Returns how many values were dropped,

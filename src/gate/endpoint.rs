@@ -11,18 +11,19 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use axum::Extension;
 use axum::{Json, Router};
 use chromiumoxide::cdp::browser_protocol::target::{CreateTargetParams, GetTargetsParams};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 
 use crate::browser::ToAgent;
-use crate::session::{Registry, Session, State as SessionState};
+use crate::session::{Registry, ResumeMode, Session, State as SessionState};
 
 /// Shared state of the endpoint.
 #[derive(Clone)]
@@ -30,6 +31,7 @@ pub struct Endpoint {
     reg: Arc<Registry>,
     public_host: Option<String>,
     max_message: usize,
+    resume_buffer: usize,
     protocol: Arc<tokio::sync::OnceCell<Result<bytes::Bytes, String>>>,
 }
 
@@ -39,6 +41,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
     let ep = Endpoint {
         public_host: cfg.public_host.clone(),
         max_message: usize::try_from(cfg.limits.max_agent_message.as_u64()).unwrap_or(usize::MAX),
+        resume_buffer: usize::try_from(cfg.limits.resume_buffer.as_u64()).unwrap_or(usize::MAX),
         protocol: Arc::default(),
         reg,
     };
@@ -109,21 +112,140 @@ pub fn host_allowed(host: &str, public_host: Option<&str>) -> bool {
         || public_host.is_some_and(|p| name.eq_ignore_ascii_case(p))
 }
 
-fn live(ep: &Endpoint, cap: &str) -> Result<Arc<Session>, Box<Response>> {
+/// What the agent URL's query may carry. Anything else is refused: a resumed session's
+/// state comes from the registry, never from the client (AG-374 4.1).
+#[derive(Default)]
+struct AgentQuery {
+    ticket: Option<String>,
+    continue_: bool,
+    agent_key: Option<String>,
+}
+
+impl AgentQuery {
+    fn parse(raw: Option<&str>) -> Result<Self, Box<Response>> {
+        let mut q = AgentQuery::default();
+        for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            match &*k {
+                "ticket" if q.ticket.is_none() => q.ticket = Some(v.into_owned()),
+                "continue" if v == "1" || v == "true" => q.continue_ = true,
+                "agent_key" if q.agent_key.is_none() => q.agent_key = Some(v.into_owned()),
+                other => {
+                    return Err(Box::new(text(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "chaperone: query parameter `{other}` is not accepted here (known: ticket, continue=1, agent_key; each once); session state comes from the supervisor, never from the URL\n"
+                        ),
+                    )))
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    /// The parameters echoed into URLs this endpoint hands out (`webSocketDebuggerUrl`).
+    fn echo(&self) -> String {
+        let mut out = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(t) = &self.ticket {
+            out.append_pair("ticket", t);
+        }
+        if self.continue_ {
+            out.append_pair("continue", "1");
+        }
+        if let Some(k) = &self.agent_key {
+            out.append_pair("agent_key", k);
+        }
+        let q = out.finish();
+        if q.is_empty() {
+            q
+        } else {
+            format!("?{q}")
+        }
+    }
+}
+
+/// A request from an agent, admitted: the session, the identity it proved, its query.
+struct Admitted {
+    session: Arc<Session>,
+    proven: crate::session::identity::Proven,
+    query: AgentQuery,
+    peer: Option<String>,
+}
+
+fn refused(r: crate::session::ResumeRefused) -> Box<Response> {
+    Box::new(text(
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN),
+        format!("{}\n", r.message),
+    ))
+}
+
+/// Every request to a session's agent URLs passes here: the capability names a running
+/// session, the query is one this endpoint knows, and the connection proves the session's
+/// agent identity (agent key, client certificate).
+async fn admit(
+    ep: &Endpoint,
+    cap: &str,
+    raw_query: Option<&str>,
+    headers: &axum::http::HeaderMap,
+    peer: Option<&crate::tls::Peer>,
+    path: &str,
+) -> Result<Admitted, Box<Response>> {
     let s = ep.reg.by_capability(cap).ok_or_else(|| {
         Box::new(text(
             StatusCode::NOT_FOUND,
             "chaperone: no live session for this URL (wrong capability, or the session ended)\n",
         ))
     })?;
-    if s.state() != SessionState::Active {
+    if !s.is_running() {
         return Err(Box::new(text(
             StatusCode::GONE,
             format!("chaperone: session is {}\n", s.state().name()),
         )));
     }
+    let query = AgentQuery::parse(raw_query)?;
+    let peer_addr = peer.and_then(|p| p.addr).map(|a| a.to_string());
+    let presented = crate::session::presented(
+        headers,
+        query.agent_key.as_deref(),
+        peer.and_then(|p| p.cert_sha256.clone()),
+    );
+    let proven = ep
+        .reg
+        .authorize(&s, &presented, path, peer_addr.as_deref())
+        .await
+        .map_err(refused)?;
     s.touch();
-    Ok(s)
+    Ok(Admitted {
+        session: s,
+        proven,
+        query,
+        peer: peer_addr,
+    })
+}
+
+/// [`admit`] for the `/json/*` requests: on a detached session the ticket is checked (not
+/// used: the websocket upgrade uses it).
+async fn admit_http(
+    ep: &Endpoint,
+    cap: &str,
+    raw_query: Option<&str>,
+    headers: &axum::http::HeaderMap,
+    peer: Option<&crate::tls::Peer>,
+    path: &str,
+) -> Result<Admitted, Box<Response>> {
+    let a = admit(ep, cap, raw_query, headers, peer, path).await?;
+    if a.session.state() == SessionState::Detached {
+        ep.reg
+            .peek_resume(
+                &a.session,
+                a.query.ticket.as_deref(),
+                &a.proven,
+                path,
+                a.peer.as_deref(),
+            )
+            .await
+            .map_err(refused)?;
+    }
+    Ok(a)
 }
 
 fn ws_base(req_host: Option<&str>, ep: &Endpoint) -> String {
@@ -139,12 +261,24 @@ fn req_host(h: &axum::http::HeaderMap) -> Option<&str> {
 async fn version(
     State(ep): State<Endpoint>,
     Path(cap): Path<String>,
+    RawQuery(raw): RawQuery,
+    peer: Option<Extension<crate::tls::Peer>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let s = match live(&ep, &cap) {
-        Ok(s) => s,
+    let a = match admit_http(
+        &ep,
+        &cap,
+        raw.as_deref(),
+        &headers,
+        peer.as_deref(),
+        "/json/version",
+    )
+    .await
+    {
+        Ok(a) => a,
         Err(r) => return *r,
     };
+    let s = a.session;
     let Some(b) = s.browser() else {
         return text(StatusCode::GONE, "chaperone: session has no browser\n");
     };
@@ -156,7 +290,7 @@ async fn version(
         "User-Agent": v.get("userAgent"),
         "V8-Version": v.get("jsVersion"),
         "WebKit-Version": format!("537.36 (@{})", v.get("revision").and_then(Value::as_str).unwrap_or("")),
-        "webSocketDebuggerUrl": format!("{base}/devtools/browser/{cap}"),
+        "webSocketDebuggerUrl": format!("{base}/devtools/browser/{cap}{}", a.query.echo()),
     }))
     .into_response()
 }
@@ -164,12 +298,25 @@ async fn version(
 async fn list(
     State(ep): State<Endpoint>,
     Path(cap): Path<String>,
+    RawQuery(raw): RawQuery,
+    peer: Option<Extension<crate::tls::Peer>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let s = match live(&ep, &cap) {
-        Ok(s) => s,
+    let a = match admit_http(
+        &ep,
+        &cap,
+        raw.as_deref(),
+        &headers,
+        peer.as_deref(),
+        "/json/list",
+    )
+    .await
+    {
+        Ok(a) => a,
         Err(r) => return *r,
     };
+    let s = a.session;
+    let echo = a.query.echo();
     let Some(b) = s.browser() else {
         return text(StatusCode::GONE, "chaperone: session has no browser\n");
     };
@@ -198,15 +345,30 @@ async fn list(
                 "title": t.get("title"),
                 "type": t.get("type"),
                 "url": t.get("url"),
-                "webSocketDebuggerUrl": format!("{base}/devtools/page/{cap}/{id}"),
+                "webSocketDebuggerUrl": format!("{base}/devtools/page/{cap}/{id}{echo}"),
             })
         })
         .collect();
     Json(list).into_response()
 }
 
-async fn protocol(State(ep): State<Endpoint>, Path(cap): Path<String>) -> Response {
-    if let Err(r) = live(&ep, &cap) {
+async fn protocol(
+    State(ep): State<Endpoint>,
+    Path(cap): Path<String>,
+    RawQuery(raw): RawQuery,
+    peer: Option<Extension<crate::tls::Peer>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(r) = admit_http(
+        &ep,
+        &cap,
+        raw.as_deref(),
+        &headers,
+        peer.as_deref(),
+        "/json/protocol",
+    )
+    .await
+    {
         return *r;
     }
     let pak = crate::browser::protocol::pak_for(&ep.reg.config().browser.path);
@@ -236,10 +398,20 @@ async fn new_target(
     State(ep): State<Endpoint>,
     Path(cap): Path<String>,
     method: axum::http::Method,
+    peer: Option<Extension<crate::tls::Peer>>,
+    headers: axum::http::HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    let s = match live(&ep, &cap) {
-        Ok(s) => s,
+    // `/json/new?<url>`: the query is the page's URL, so the agent's own parameters cannot
+    // ride on it; a detached session needs a resumed connection first.
+    let s = match admit(&ep, &cap, None, &headers, peer.as_deref(), "/json/new").await {
+        Ok(a) if a.session.state() == SessionState::Active => a.session,
+        Ok(_) => {
+            return text(
+                StatusCode::CONFLICT,
+                "chaperone: the session is detached; resume it over the websocket first\n",
+            )
+        }
         Err(r) => return *r,
     };
     if method != axum::http::Method::PUT {
@@ -285,10 +457,13 @@ async fn new_target(
 async fn websocket(
     State(ep): State<Endpoint>,
     Path(cap): Path<String>,
+    RawQuery(raw): RawQuery,
+    peer: Option<Extension<crate::tls::Peer>>,
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    upgrade_agent(ep, cap, None, headers, upgrade)
+    let peer = peer.map(|Extension(p)| p);
+    upgrade_agent(ep, cap, None, raw, peer, headers, upgrade).await
 }
 
 /// A websocket bound to one page, as `/json/list` announces it: messages without `sessionId`
@@ -296,16 +471,31 @@ async fn websocket(
 async fn page_websocket(
     State(ep): State<Endpoint>,
     Path((cap, target)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+    peer: Option<Extension<crate::tls::Peer>>,
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    upgrade_agent(ep, cap, Some(target), headers, upgrade)
+    let peer = peer.map(|Extension(p)| p);
+    upgrade_agent(ep, cap, Some(target), raw, peer, headers, upgrade).await
 }
 
-fn upgrade_agent(
+/// Where an agent connection's CDP session comes from.
+enum LinkSource {
+    /// A fresh browser session.
+    Fresh,
+    /// A resumption: a fresh browser session, with the parked one's replay book.
+    Reattach(Option<crate::browser::ParkedLink>),
+    /// A resumption of the parked browser session itself.
+    Continue(crate::browser::ParkedLink),
+}
+
+async fn upgrade_agent(
     ep: Endpoint,
     cap: String,
     page: Option<String>,
+    raw: Option<String>,
+    peer: Option<crate::tls::Peer>,
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
@@ -320,41 +510,147 @@ fn upgrade_agent(
             ),
         );
     }
-    let s = match live(&ep, &cap) {
-        Ok(s) => s,
+    let path = if page.is_some() {
+        "/devtools/page"
+    } else {
+        "/devtools/browser"
+    };
+    let a = match admit(&ep, &cap, raw.as_deref(), &headers, peer.as_ref(), path).await {
+        Ok(a) => a,
         Err(r) => return *r,
+    };
+    let s = a.session.clone();
+    let (guard, source) = if s.state() == SessionState::Detached {
+        let mode = if a.query.continue_ {
+            ResumeMode::Continue
+        } else {
+            ResumeMode::Reattach
+        };
+        if mode == ResumeMode::Continue && page.is_some() {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "chaperone: continue=1 resumes the browser-level connection (/devtools/browser/…) only\n",
+            );
+        }
+        match ep
+            .reg
+            .resume(
+                &s,
+                a.query.ticket.as_deref(),
+                &a.proven,
+                mode,
+                path,
+                a.peer.as_deref(),
+            )
+            .await
+        {
+            Ok(r) => {
+                let source = match (r.mode, r.parked) {
+                    (ResumeMode::Continue, Some(p)) => LinkSource::Continue(p),
+                    (_, p) => LinkSource::Reattach(p),
+                };
+                (r.guard, source)
+            }
+            Err(r) => return *refused(r),
+        }
+    } else {
+        match s.admit(ep.reg.audit()) {
+            Some(g) => (g, LinkSource::Fresh),
+            None => {
+                let max = s.mandate().resume.max_connections;
+                ep.reg.audit().record_detached(
+                    "agent.refused",
+                    Some(&s.id),
+                    json!({
+                        "agent": s.mandate().source.agent,
+                        "reason": "connection_limit",
+                        "path": path,
+                        "peer": a.peer,
+                        "max_agent_connections": max,
+                    }),
+                );
+                return text(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "chaperone: the session already has {max} live agent connection(s) (mandate.max_agent_connections = {max})\n"
+                    ),
+                );
+            }
+        }
     };
     // tungstenite may buffer a little more than our own limit so that an oversized message
     // is answered with a close frame that says why, instead of a dropped connection.
     let hard = ep.max_message.saturating_mul(2);
-    let max = ep.max_message;
-    let reg = ep.reg.clone();
+    let conn = Conn {
+        reg: ep.reg.clone(),
+        session: s,
+        max_message: ep.max_message,
+        resume_buffer: ep.resume_buffer,
+        page,
+        proven: a.proven,
+    };
     upgrade
         .max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| agent_connection(socket, reg, s, max, page))
+        .on_upgrade(move |socket| agent_connection(socket, conn, guard, source))
+}
+
+/// One admitted agent connection.
+struct Conn {
+    reg: Arc<Registry>,
+    session: Arc<Session>,
+    max_message: usize,
+    resume_buffer: usize,
+    page: Option<String>,
+    proven: crate::session::identity::Proven,
+}
+
+/// How an agent connection ended, and what becomes of its browser session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// The client went away: keep its browser session for a resumption.
+    Park,
+    /// The connection was closed on purpose (`Browser.close`, a limit, a page websocket):
+    /// detach its browser session.
+    Detach,
+    /// The session or the browser is gone.
+    Nothing,
 }
 
 async fn agent_connection(
     socket: WebSocket,
-    reg: Arc<Registry>,
-    session: Arc<Session>,
-    max_message: usize,
-    page: Option<String>,
+    conn: Conn,
+    mut guard: crate::session::AgentGuard,
+    source: LinkSource,
 ) {
+    let Conn {
+        reg,
+        session,
+        max_message,
+        resume_buffer,
+        page,
+        proven,
+    } = conn;
     let Some(browser) = session.browser() else {
         return;
     };
     let metrics = reg.metrics().clone();
     metrics.agent_connections.inc();
-    // Counts this connection for `revoke_on_disconnect` until the function returns.
-    let _connected = session.agent_connected();
     let (mut tx, mut rx) = socket.split();
     let observer = Arc::new(crate::gate::AuditGate::new(reg.clone(), session.id.clone()));
-    let link = match browser
-        .agent_link(&session.mandate().source.agent, observer)
-        .await
-    {
+    let agent = session.mandate().source.agent.clone();
+    let link = match source {
+        LinkSource::Continue(parked) => Ok(parked.resume()),
+        LinkSource::Fresh => browser.agent_link(&agent, observer).await,
+        LinkSource::Reattach(parked) => {
+            let link = browser.agent_link(&agent, observer).await;
+            if let (Ok(l), Some(p)) = (&link, parked) {
+                p.drain_into(l);
+            }
+            link
+        }
+    };
+    let link = match link {
         Ok(l) => l,
         Err(e) => {
             let _ = tx
@@ -378,7 +674,19 @@ async fn agent_connection(
             }
         },
     };
-    let mut detach = true;
+    // What the agent sent that chaperone answers itself (`Chaperone.*`), answered in order.
+    let (local_tx, mut local_rx) = tokio::sync::mpsc::unbounded_channel();
+    let from_agent = |frame: &str| {
+        let call = match page.as_ref() {
+            None => link.from_agent(frame),
+            Some(p) => link.from_agent(&p.inbound(frame)),
+        };
+        if let Some(call) = call {
+            let _ = local_tx.send(call);
+        }
+    };
+    let mut after = After::Park;
+    let mut close_info = json!({"by": "client"});
     loop {
         tokio::select! {
             // The session's end is checked first: it is signalled before the browser is
@@ -387,8 +695,12 @@ async fn agent_connection(
             _ = session.ending.cancelled() => {
                 let reason = session.state().end_reason().map_or("chaperone: session ended", |r| r.close_reason());
                 let _ = tx.send(close(1001, reason)).await;
-                detach = false;
+                after = After::Nothing;
                 break;
+            }
+            Some(call) = local_rx.recv() => {
+                let answer = local_call(&reg, &session, &proven, &link, &call).await;
+                link.answer_local(&call, answer);
             }
             out = link.next_for_agent() => match out {
                 Some(ToAgent::Text(t)) => {
@@ -399,19 +711,24 @@ async fn agent_connection(
                             PageOut::Skip => continue,
                             PageOut::Closed => {
                                 let _ = tx.send(close(1000, "chaperone: the page was closed")).await;
+                                after = After::Detach;
                                 break;
                             }
                         },
                     };
-                    if tx.send(Message::Text(t.into())).await.is_err() { break; }
+                    if tx.send(Message::Text(t.into())).await.is_err() {
+                        close_info = json!({"by": "network", "error": "send failed"});
+                        break;
+                    }
                 }
                 Some(ToAgent::Close { code, reason }) => {
                     let _ = tx.send(close(code, &reason)).await;
+                    after = After::Detach;
                     break;
                 }
                 None => {
                     let _ = tx.send(close(1011, "chaperone: browser connection lost")).await;
-                    detach = false;
+                    after = After::Nothing;
                     break;
                 }
             },
@@ -420,48 +737,104 @@ async fn agent_connection(
                     session.touch();
                     if t.len() > max_message {
                         let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
+                        after = After::Detach;
                         break;
                     }
-                    let local = match page.as_ref() {
-                        None => link.from_agent(t.as_str()),
-                        Some(p) => link.from_agent(&p.inbound(t.as_str())),
-                    };
-                    if let Some(call) = local {
-                        link.answer_local(&call, Err(format!("'{}' wasn't found", call.method)));
-                    }
+                    from_agent(t.as_str());
                 }
                 Some(Ok(Message::Binary(b))) => {
                     session.touch();
                     if b.len() > max_message {
                         let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", b.len()))).await;
+                        after = After::Detach;
                         break;
                     }
                     // Chromium treats binary frames as text; so do we, invalid UTF-8 included
                     // (the router answers it as a parse error).
-                    let t = String::from_utf8_lossy(&b);
-                    let local = match page.as_ref() {
-                        None => link.from_agent(&t),
-                        Some(p) => link.from_agent(&p.inbound(&t)),
-                    };
-                    if let Some(call) = local {
-                        link.answer_local(&call, Err(format!("'{}' wasn't found", call.method)));
-                    }
+                    from_agent(&String::from_utf8_lossy(&b));
                 }
-                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(Message::Close(frame))) => {
+                    close_info = json!({"by": "client", "code": frame.map(|f| f.code)});
+                    break;
+                }
+                None => {
+                    close_info = json!({"by": "network"});
+                    break;
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     let _ = tx.send(close(1002, &format!("chaperone: websocket error: {e}"))).await;
+                    close_info = json!({"by": "network", "error": e.to_string()});
                     break;
                 }
             },
         }
     }
-    if detach {
-        if let Err(e) = link.detach().await {
-            tracing::debug!(error = %e, "agent detach");
-        }
+    if let Some(r) = link.reconciliation() {
+        reg.audit()
+            .record_detached("session.reconciled", Some(&session.id), r);
     }
+    // A page websocket is a view of one page; only the browser-level connection is kept.
+    if after == After::Park && (page.is_some() || session.mandate().source.revoke_on_disconnect) {
+        after = After::Detach;
+    }
+    match after {
+        After::Park => match link.park(resume_buffer) {
+            Ok(parked) => {
+                close_info["parked"] = json!(parked.summary());
+                session.park(parked);
+            }
+            Err(link) => {
+                if let Err(e) = link.detach().await {
+                    tracing::debug!(error = %e, "agent detach");
+                }
+            }
+        },
+        After::Detach => {
+            if let Err(e) = link.detach().await {
+                tracing::debug!(error = %e, "agent detach");
+            }
+        }
+        After::Nothing => {}
+    }
+    guard.set_close(close_info);
+    drop(guard);
     metrics.agent_connections.dec();
+}
+
+/// Answers a `Chaperone.*` command.
+async fn local_call(
+    reg: &Arc<Registry>,
+    session: &Arc<Session>,
+    proven: &crate::session::identity::Proven,
+    link: &crate::browser::AgentLink,
+    call: &crate::browser::LocalCall,
+) -> Result<Value, String> {
+    match call.method.as_str() {
+        "Chaperone.getResumeTicket" => {
+            let t = reg
+                .issue_ticket(session, Some(proven), Some(link.id().get()), "cdp")
+                .await
+                .map_err(|e| format!("chaperone: cannot issue a resume ticket: {e}"))?;
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("ticket", &t.ticket)
+                .finish();
+            let urls = reg.urls();
+            let cdp = urls.cdp_url(&session.capability);
+            let m = session.mandate();
+            Ok(json!({
+                "ticket": t.ticket,
+                "seq": t.seq,
+                "expiresAt": crate::session::rfc3339(t.expires_at),
+                "validSecsAfterDisconnect": t.valid_after_disconnect.as_secs(),
+                "resumeWindowSecs": m.resume.window.as_secs(),
+                "resumeUrl": format!("{cdp}?{q}"),
+                "continueUrl": format!("{cdp}?{q}&continue=1"),
+                "httpUrl": format!("{}?{q}", urls.http_url(&session.capability)),
+            }))
+        }
+        other => Err(format!("'{other}' wasn't found")),
+    }
 }
 
 /// Id of the supervisor's own `Target.attachToTarget` on a page websocket; its answer is

@@ -72,6 +72,7 @@ pub(super) async fn run(
     let _ = ready.send(Ok(()));
 
     let mut changes = session.mandate_changes();
+    let mut states = session.state_changes();
     let reason = loop {
         // Every clock is read from the mandate in force; a PATCH wakes the loop to re-read.
         let m = session.mandate();
@@ -79,6 +80,9 @@ pub(super) async fn run(
         let idle_left = m
             .idle_timeout
             .map(|limit| limit.saturating_sub(session.idle_for()));
+        // A detached session waits at most `resume_window_secs` (AG-374 4.3).
+        let detached = session.detached_at();
+        let resume_left = detached.map(|(_, at)| m.resume.window.saturating_sub(at.elapsed()));
         tokio::select! {
             r = &mut end_rx => break r.unwrap_or(EndReason::Shutdown),
             _ = deadline(ends_at) => break match which {
@@ -91,7 +95,27 @@ pub(super) async fn run(
                     break EndReason::IdleTimeout;
                 }
             }
+            _ = sleep_or_never(resume_left) => {
+                let still = session.detached_at().is_some_and(|(_, at)| at.elapsed() >= m.resume.window);
+                if still {
+                    session.request_end_by(
+                        EndReason::ResumeExpired,
+                        "resume_window",
+                        json!({
+                            "interrupted_at": detached.map(|(t, _)| super::rfc3339(t)),
+                            "resume_window_secs": m.resume.window.as_secs(),
+                        }),
+                    );
+                    break EndReason::ResumeExpired;
+                }
+            }
             changed = changes.changed() => {
+                if changed.is_err() {
+                    break EndReason::Shutdown;
+                }
+            }
+            // Detach and resumption move the resumption clock.
+            changed = states.changed() => {
                 if changed.is_err() {
                     break EndReason::Shutdown;
                 }
@@ -417,6 +441,8 @@ async fn end(
         tracing::error!(session = %session.id, error = %e, "could not record the session's end");
     }
     session.ending.cancel();
+    // Parked agent sessions go with the browser; dropping them first ends their replay books.
+    session.drop_parked();
     // Held values go first: nothing is injected from here on, whatever the kill takes.
     let broker = session
         .broker

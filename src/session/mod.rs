@@ -4,11 +4,18 @@
 //! → purged`. Each transition is in the audit log before it is acknowledged. The supervisor's
 //! own clock ends the session at the mandate's deadline, whatever the agent or the sites do.
 
+pub mod identity;
 mod launch;
 pub mod patch;
 mod registry;
+mod resume;
+pub mod store;
+pub mod ticket;
 
 pub use registry::{Registry, RegistryError};
+
+use crate::browser::ParkedLink;
+pub use resume::{presented, IssuedTicket, ResumeMode, ResumeRefused, Resumed};
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +52,8 @@ pub enum EndReason {
     Shutdown,
     /// The browser died on its own, or a launch failed.
     Crashed,
+    /// The session stayed detached longer than `resume_window_secs`.
+    ResumeExpired,
 }
 
 impl EndReason {
@@ -59,6 +68,7 @@ impl EndReason {
             EndReason::Anomaly => "session.anomaly",
             EndReason::Shutdown => "session.shutdown",
             EndReason::Crashed => "session.crashed",
+            EndReason::ResumeExpired => "session.resume_expired",
         }
     }
 
@@ -79,6 +89,7 @@ impl EndReason {
             EndReason::Anomaly => "anomaly",
             EndReason::Shutdown => "supervisor_shutdown",
             EndReason::Crashed => "browser_exit",
+            EndReason::ResumeExpired => "resume_window",
         }
     }
 
@@ -95,13 +106,26 @@ impl EndReason {
             EndReason::Anomaly => "chaperone: session ended by a revocation trigger",
             EndReason::Shutdown => "chaperone: supervisor shutting down",
             EndReason::Crashed => "chaperone: browser crashed; session ended",
+            EndReason::ResumeExpired => {
+                "chaperone: session ended (not resumed within resume_window_secs)"
+            }
         }
     }
 }
 
-/// An open agent connection; see [`Session::agent_connected`].
+/// An open agent connection; see [`Session::admit`].
 pub struct AgentGuard {
     session: Arc<Session>,
+    audit: crate::audit::Audit,
+    /// Facts about the end of the connection for `session.detached`.
+    close: Option<serde_json::Value>,
+}
+
+impl AgentGuard {
+    /// How the connection ended, for the `session.detached` record if it was the last one.
+    pub fn set_close(&mut self, close: serde_json::Value) {
+        self.close = Some(close);
+    }
 }
 
 impl Drop for AgentGuard {
@@ -109,9 +133,40 @@ impl Drop for AgentGuard {
         let s = &self.session;
         s.touch();
         let left = s.agents.fetch_sub(1, Ordering::SeqCst) - 1;
-        if left == 0 && s.mandate().source.revoke_on_disconnect && s.state() == State::Active {
-            s.request_end(EndReason::AgentDisconnected);
+        if left > 0 || s.state() != State::Active {
+            return;
         }
+        // A connection that ended because the browser died is not a detach: the session is
+        // ending as crashed.
+        let browser_alive = s.browser().is_some_and(|b| b.conn.close_reason().is_none());
+        if !browser_alive {
+            return;
+        }
+        if s.mandate().source.revoke_on_disconnect {
+            s.request_end(EndReason::AgentDisconnected);
+            return;
+        }
+        // The last connection is gone: the session waits, detached, for a resumption.
+        let now = OffsetDateTime::now_utc();
+        let m = s.mandate();
+        *s.detached_at.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, Instant::now()));
+        s.gov_at_detach
+            .store(s.governance.load(Ordering::SeqCst), Ordering::SeqCst);
+        s.state.send_replace(State::Detached);
+        let deadline = now + m.resume.window;
+        self.audit.record_detached(
+            "session.detached",
+            Some(&s.id),
+            serde_json::json!({
+                "agent": m.source.agent,
+                "interrupted_at": rfc3339(now),
+                "close": self.close.take(),
+                "parked": s.parked_count(),
+                "governance_version": s.governance.load(Ordering::SeqCst),
+                "resume_deadline": rfc3339(deadline.min(m.expires_at)),
+                "resume_requires_ticket": m.resume.requires_ticket,
+            }),
+        );
     }
 }
 
@@ -123,6 +178,9 @@ pub enum State {
     Launching,
     /// Agents may connect.
     Active,
+    /// The last agent connection dropped; the session waits for a resumption (with a ticket)
+    /// until `resume_window_secs` passes.
+    Detached,
     /// The session is being torn down.
     Ending(EndReason),
     /// Nothing of the session is left; checked.
@@ -138,6 +196,7 @@ impl State {
         match self {
             State::Launching => "launching",
             State::Active => "active",
+            State::Detached => "detached",
             State::Ending(_) => "ending",
             State::Purged(_) => "purged",
             State::PurgeFailed(_) => "purge_failed",
@@ -173,6 +232,22 @@ pub struct Session {
     last_activity: AtomicU64,
     /// Agent websocket connections open now.
     agents: AtomicUsize,
+    /// When the last connection dropped, while detached.
+    detached_at: Mutex<Option<(OffsetDateTime, Instant)>>,
+    /// Bumped by every change of the mandate in force.
+    governance: AtomicU64,
+    /// `governance` when the session was last detached.
+    gov_at_detach: AtomicU64,
+    /// Recent mandate changes by governance version, for the resumption record.
+    mandate_log: Mutex<VecDeque<(u64, serde_json::Value)>>,
+    /// Successful resumptions.
+    resumptions: AtomicU64,
+    /// Resume tickets issued and used.
+    pub(crate) tickets: Mutex<ticket::TicketBook>,
+    /// Agent connections whose CDP session was kept alive when they dropped.
+    parked: Mutex<Vec<ParkedLink>>,
+    /// One resumption at a time.
+    pub(crate) resuming: tokio::sync::Mutex<()>,
     /// Recent refusals, for the mandate's `anomaly` threshold.
     refusals: Mutex<VecDeque<Instant>>,
     /// The revocation trigger and its facts, set by whoever asked for the end.
@@ -259,9 +334,14 @@ impl Session {
         settled.unwrap_or_else(|_| self.state())
     }
 
-    /// The browser, when the session is active.
+    /// Whether the browser runs: the session is active or detached.
+    pub fn is_running(&self) -> bool {
+        matches!(self.state(), State::Active | State::Detached)
+    }
+
+    /// The browser, while the session is active or detached.
     pub fn browser(&self) -> Option<BrowserInfo> {
-        if self.state() != State::Active {
+        if !self.is_running() {
             return None;
         }
         self.browser
@@ -321,9 +401,70 @@ impl Session {
 
     /// Puts a changed mandate in force: the proxy, the lifecycle's clocks and the anomaly
     /// threshold read it from their next request or tick on.
-    pub(crate) fn replace_mandate(&self, m: ValidMandate) {
+    pub(crate) fn replace_mandate(&self, m: ValidMandate, changes: serde_json::Value) {
         self.egress.send_replace(Arc::new(m.egress.clone()));
         self.mandate.send_replace(Arc::new(m));
+        let version = self.governance.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut log = self.mandate_log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() == 64 {
+            log.pop_front();
+        }
+        log.push_back((version, changes));
+    }
+
+    /// The governance version: how many times the mandate in force changed.
+    pub fn governance_version(&self) -> u64 {
+        self.governance.load(Ordering::SeqCst)
+    }
+
+    /// The mandate changes made after governance version `since` (at most the last 64).
+    pub(crate) fn changes_since(&self, since: u64) -> Vec<serde_json::Value> {
+        self.mandate_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(v, _)| *v > since)
+            .map(|(v, c)| serde_json::json!({"version": v, "changes": c}))
+            .collect()
+    }
+
+    /// When the last connection dropped, while the session is detached.
+    pub fn detached_at(&self) -> Option<(OffsetDateTime, Instant)> {
+        if self.state() != State::Detached {
+            return None;
+        }
+        *self.detached_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a dropped connection's CDP session for a resumption. The oldest is dropped (and
+    /// detached) beyond `max_agent_connections`.
+    pub fn park(&self, link: ParkedLink) {
+        let max = self.mandate().resume.max_connections;
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.push(link);
+        while parked.len() > max {
+            parked.remove(0);
+        }
+    }
+
+    /// Takes the parked link of agent connection `id`, or the newest one.
+    pub fn unpark(&self, id: Option<u64>) -> Option<ParkedLink> {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let at = match id {
+            Some(id) => parked.iter().position(|l| l.id().get() == id)?,
+            None => parked.len().checked_sub(1)?,
+        };
+        Some(parked.remove(at))
+    }
+
+    fn parked_count(&self) -> usize {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drops every parked link (their CDP sessions are detached).
+    pub(crate) fn drop_parked(&self) {
+        let gone = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(gone);
     }
 
     /// Notes agent traffic (a CDP message, a `/json` request): the idle clock starts over.
@@ -338,14 +479,49 @@ impl Session {
         self.started.elapsed().saturating_sub(last)
     }
 
-    /// Counts an agent connection until the returned guard is dropped. When the last one
-    /// closes and the mandate says `revoke_on_disconnect`, the session ends.
-    pub fn agent_connected(self: &Arc<Self>) -> AgentGuard {
-        self.agents.fetch_add(1, Ordering::SeqCst);
+    /// Counts an agent connection until the returned guard is dropped, if the mandate's
+    /// `max_agent_connections` leaves room. When the last one closes, the session ends
+    /// (`revoke_on_disconnect`) or becomes detached.
+    pub fn admit(self: &Arc<Self>, audit: &crate::audit::Audit) -> Option<AgentGuard> {
+        let max = self.mandate().resume.max_connections;
+        self.agents
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
         self.touch();
-        AgentGuard {
+        Some(AgentGuard {
             session: self.clone(),
+            audit: audit.clone(),
+            close: None,
+        })
+    }
+
+    /// Agent connections open now.
+    pub fn agents_connected(&self) -> usize {
+        self.agents.load(Ordering::SeqCst)
+    }
+
+    /// Marks a detached session active again (a resumption was admitted).
+    pub(crate) fn reactivate(&self) -> bool {
+        let mut done = false;
+        self.state.send_if_modified(|st| {
+            if *st == State::Detached {
+                *st = State::Active;
+                done = true;
+            }
+            done
+        });
+        if done {
+            self.resumptions.fetch_add(1, Ordering::SeqCst);
+            *self.detached_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+        done
+    }
+
+    /// Follows the session's state.
+    pub fn state_changes(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
     }
 
     /// Counts one refusal (credential, egress or CDP) toward the mandate's `anomaly`
@@ -400,7 +576,7 @@ impl Session {
         let m = self.mandate();
         let now = OffsetDateTime::now_utc();
         let (ends_at, _) = m.next_end(now);
-        serde_json::json!({
+        let mut view = serde_json::json!({
             "id": self.id,
             "agent": m.source.agent,
             "state": st.name(),
@@ -451,7 +627,25 @@ impl Session {
             })).collect::<Vec<_>>(),
             "unlisted_credentials": m.source.unlisted_credentials,
             "on_leak": m.source.on_leak,
-        })
+        });
+        let detached = self.detached_at();
+        let resumption = serde_json::json!({
+            "max_agent_connections": m.resume.max_connections,
+            "identity": m.source.identity,
+            "detached_at": detached.map(|(t, _)| rfc3339(t)),
+            "resume_deadline": detached.map(|(t, _)| rfc3339((t + m.resume.window).min(m.expires_at))),
+            "resume_window_secs": m.resume.window.as_secs(),
+            "resume_ticket_ttl_secs": m.resume.ticket_ttl.as_secs(),
+            "resume_requires_ticket": m.resume.requires_ticket,
+            "resume_quiet_secs": m.resume.quiet.as_secs(),
+            "resumptions": self.resumptions.load(Ordering::Relaxed),
+            "governance_version": self.governance.load(Ordering::Relaxed),
+            "parked_connections": self.parked_count(),
+        });
+        if let (Some(v), serde_json::Value::Object(r)) = (view.as_object_mut(), resumption) {
+            v.extend(r);
+        }
+        view
     }
 }
 
@@ -513,6 +707,14 @@ pub(crate) fn new_session(
         started: Instant::now(),
         last_activity: AtomicU64::new(0),
         agents: AtomicUsize::new(0),
+        detached_at: Mutex::new(None),
+        governance: AtomicU64::new(0),
+        gov_at_detach: AtomicU64::new(0),
+        mandate_log: Mutex::new(VecDeque::new()),
+        resumptions: AtomicU64::new(0),
+        tickets: Mutex::new(ticket::TicketBook::default()),
+        parked: Mutex::new(Vec::new()),
+        resuming: tokio::sync::Mutex::new(()),
         refusals: Mutex::new(VecDeque::new()),
         end_detail: Mutex::new(None),
         state: watch::Sender::new(State::Launching),

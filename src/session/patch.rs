@@ -9,13 +9,15 @@
 //! - `credentials`: the ids of the credentials to keep, e.g. `["bank"]` (the others are
 //!   removed and zeroized at once);
 //! - `unlisted_credentials`, `on_leak`;
+//! - `max_agent_connections`, `resume_window_secs`, `resume_ticket_ttl_secs`,
+//!   `resume_requires_ticket`, `resume_quiet_secs` (each `null` for its default);
 //! - `approved_by`: who approved a widening (required when anything widens).
 //!
 //! Narrowing needs no approval. Anything that is not provably narrower (a later end, a new
 //! host, a wider window, a removed limit, a changed `hosts` entry) is widening. Credentials
 //! cannot be added to a live session: the browser's cookie block for a credential's site is
 //! fixed at launch, so a new site's cookies could land in the browser; start a new session.
-//! `agent` and `not_before` cannot change.
+//! `agent`, `not_before` and `identity` cannot change (revoke an agent key instead).
 
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
@@ -105,6 +107,11 @@ const FIELDS: &[&str] = &[
     "credentials",
     "unlisted_credentials",
     "on_leak",
+    "max_agent_connections",
+    "resume_window_secs",
+    "resume_ticket_ttl_secs",
+    "resume_requires_ticket",
+    "resume_quiet_secs",
 ];
 
 /// Checks `body` against the mandate in force and builds the changed mandate. Nothing is put
@@ -128,7 +135,7 @@ pub fn prepare(
     }
     for key in body.keys() {
         match key.as_str() {
-            "agent" | "not_before" => {
+            "agent" | "not_before" | "identity" => {
                 return Err(invalid(
                     key,
                     "cannot change while the session runs; start a new session",
@@ -207,6 +214,11 @@ pub fn prepare(
         "egress",
         "unlisted_credentials",
         "on_leak",
+        "max_agent_connections",
+        "resume_window_secs",
+        "resume_ticket_ttl_secs",
+        "resume_requires_ticket",
+        "resume_quiet_secs",
     ] {
         match body.get(key) {
             None => {}
@@ -375,6 +387,47 @@ fn diff(old: &ValidMandate, new: &ValidMandate, removed: &[String]) -> Vec<Chang
         };
         push("anomaly", widened, json!(o.anomaly), json!(n.anomaly));
     }
+    let (a, b) = (old.resume, new.resume);
+    if a.max_connections != b.max_connections {
+        push(
+            "max_agent_connections",
+            b.max_connections > a.max_connections,
+            json!(a.max_connections),
+            json!(b.max_connections),
+        );
+    }
+    if a.window != b.window {
+        push(
+            "resume_window_secs",
+            b.window > a.window,
+            json!(a.window.as_secs()),
+            json!(b.window.as_secs()),
+        );
+    }
+    if a.ticket_ttl != b.ticket_ttl {
+        push(
+            "resume_ticket_ttl_secs",
+            b.ticket_ttl > a.ticket_ttl,
+            json!(a.ticket_ttl.as_secs()),
+            json!(b.ticket_ttl.as_secs()),
+        );
+    }
+    if a.requires_ticket != b.requires_ticket {
+        push(
+            "resume_requires_ticket",
+            !b.requires_ticket,
+            json!(a.requires_ticket),
+            json!(b.requires_ticket),
+        );
+    }
+    if a.quiet != b.quiet {
+        push(
+            "resume_quiet_secs",
+            b.quiet < a.quiet,
+            json!(a.quiet.as_secs()),
+            json!(b.quiet.as_secs()),
+        );
+    }
     if o.egress.allow != n.egress.allow {
         let widened = !new
             .egress
@@ -538,6 +591,10 @@ mod tests {
             r#"{"on_leak":"block"}"#,
             r#"{"egress":{"allow":["*.example.com","bank.test"],"deny":[],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
             r#"{"egress":{"allow":["*.example.com","bank.test"],"deny":["*.x.example.com"],"ports":[8443, 9000],"private_networks":["127.0.0.0/8"],"hosts":{"bank.test":"127.0.0.1"}}}"#,
+            r#"{"max_agent_connections":2}"#,
+            r#"{"resume_window_secs":7200}"#,
+            r#"{"resume_ticket_ttl_secs":600}"#,
+            r#"{"resume_requires_ticket":false}"#,
         ] {
             let e = patch(body).expect_err(body);
             assert!(matches!(e, PatchError::NeedsApproval(_)), "{body}: {e}");
@@ -549,10 +606,36 @@ mod tests {
     }
 
     #[test]
+    fn resumption_rules_narrow_when_smaller_or_stricter() {
+        let p = patch(
+            r#"{"resume_window_secs":60,"resume_ticket_ttl_secs":30,"resume_requires_ticket":true,
+                "resume_quiet_secs":10}"#,
+        )
+        .unwrap();
+        assert!(!p.widens(), "{:?}", p.changes);
+        let fields: Vec<&str> = p.changes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "resume_window_secs",
+                "resume_ticket_ttl_secs",
+                "resume_quiet_secs"
+            ]
+        );
+        assert_eq!(p.mandate.resume.window.as_secs(), 60);
+        // Back to the default with null: a longer window again, so a widening.
+        let back = prepare(&p.mandate, r#"{"resume_window_secs":null}"#, NOW, 8 * 3600);
+        assert!(matches!(back, Err(PatchError::NeedsApproval(_))));
+    }
+
+    #[test]
     fn what_cannot_change_is_refused_naming_the_field() {
         let cases = [
             (r#"{"agent":"b"}"#, "agent"),
             (r#"{"not_before":"2026-07-06T11:00:00Z"}"#, "not_before"),
+            (r#"{"identity":{"agent_key":"ak_00000000"}}"#, "identity"),
+            (r#"{"resume_window_secs":28801}"#, "resume_window_secs"),
+            (r#"{"max_agent_connections":0}"#, "max_agent_connections"),
             (r#"{"credentials":["bank","new"]}"#, "credentials[1]"),
             (
                 r#"{"credentials":[{"id":"x","site":"x.test","headers":{"A":"SECRET-99999"}}]}"#,

@@ -42,11 +42,19 @@ pub enum RegistryError {
     #[error("{0}")]
     NotNow(String),
     /// The session is not running (still launching, or ending), so its mandate cannot change.
-    #[error("session `{0}` is {1}; only an active session's mandate can change")]
+    #[error(
+        "session `{0}` is {1}; only a running (active or detached) session's mandate can change"
+    )]
     NotActive(String, &'static str),
     /// The change was refused.
     #[error("{0}")]
     Patch(#[from] super::patch::PatchError),
+    /// The mandate names an identity this supervisor cannot check.
+    #[error("{0}")]
+    Identity(String),
+    /// An agent key operation failed.
+    #[error("{0}")]
+    AgentKey(super::identity::KeyError),
 }
 
 /// All sessions of this supervisor.
@@ -63,8 +71,14 @@ pub struct Registry {
     inner: Mutex<Inner>,
     tasks: TaskTracker,
     pub(super) shutdown: CancellationToken,
-    /// Serializes mandate changes.
-    changing: tokio::sync::Mutex<()>,
+    /// Serializes mandate changes and resumptions.
+    pub(super) changing: tokio::sync::Mutex<()>,
+    /// Operator-issued agent keys.
+    pub(super) keys: super::identity::AgentKeys,
+    /// Signs resume tickets; names this supervisor instance.
+    pub(super) tickets: super::ticket::TicketKey,
+    /// The durable record of resumption state.
+    pub(super) store: Box<dyn super::store::ResumeStore>,
 }
 
 #[derive(Default)]
@@ -84,7 +98,6 @@ impl Registry {
             tracing::error!(error = %e, "no upstream client: sessions with `oauth` or `revoke` credentials will be refused");
         }
         Registry {
-            cfg,
             audit,
             metrics,
             fingerprints: crate::vault::FingerprintKey::random(),
@@ -94,7 +107,71 @@ impl Registry {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             changing: tokio::sync::Mutex::new(()),
+            keys: super::identity::AgentKeys::default(),
+            tickets: super::ticket::TicketKey::random(),
+            store: match &cfg.registry.journal {
+                Some(path) => Box::new(super::store::JournalStore::new(path.clone())),
+                None => Box::new(super::store::MemoryStore),
+            },
+            cfg,
         }
+    }
+
+    /// This supervisor instance's id (random per process; resume tickets are bound to it).
+    pub fn instance(&self) -> &str {
+        self.tickets.instance()
+    }
+
+    /// The operator-issued agent keys.
+    pub fn agent_keys(&self) -> &super::identity::AgentKeys {
+        &self.keys
+    }
+
+    /// Revokes an agent key: it stops working at once, and every live session bound to it is
+    /// ended (trigger `agent_key_revoked`) and purged before this returns.
+    pub async fn revoke_agent_key(
+        &self,
+        id: &str,
+    ) -> Result<super::identity::KeyInfo, RegistryError> {
+        let info = self.keys.get(id).ok_or_else(|| {
+            RegistryError::AgentKey(super::identity::KeyError::NotFound(id.into()))
+        })?;
+        let bound: Vec<_> = self
+            .list()
+            .into_iter()
+            .filter(|s| s.state().end_reason().is_none())
+            .filter(|s| {
+                s.mandate()
+                    .source
+                    .identity
+                    .as_ref()
+                    .and_then(|i| i.agent_key.as_deref())
+                    == Some(id)
+            })
+            .collect();
+        self.audit
+            .record(
+                "agent_key.revoked",
+                None,
+                json!({
+                    "agent_key": id,
+                    "label": info.label,
+                    "sessions": bound.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+                }),
+            )
+            .await?;
+        let info = self.keys.revoke(id).map_err(RegistryError::AgentKey)?;
+        for s in &bound {
+            s.request_end_by(
+                EndReason::Revoked,
+                "agent_key_revoked",
+                json!({ "agent_key": id }),
+            );
+        }
+        for s in &bound {
+            s.finished().await;
+        }
+        Ok(info)
     }
 
     /// The supervisor's config.
@@ -134,6 +211,23 @@ impl Registry {
         mandate
             .may_start(now)
             .map_err(|e| RegistryError::NotNow(format!("mandate.{e}")))?;
+        if let Some(id) = &mandate.source.identity {
+            let mtls = self
+                .cfg
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_auth != crate::config::ClientAuth::None);
+            if !id.client_cert_sha256.is_empty() && !mtls {
+                return Err(RegistryError::Identity(
+                    "mandate.identity.client_cert_sha256: this supervisor's agent endpoint does not ask for client certificates; set [tls] client_auth = \"optional\" or \"required\" in its config".into(),
+                ));
+            }
+            if let Some(k) = &id.agent_key {
+                self.keys.usable(k).map_err(|e| {
+                    RegistryError::Identity(format!("mandate.identity.agent_key: `{k}`: {e}"))
+                })?;
+            }
+        }
         let (session, end_rx) = new_session(mandate, now);
         let slot = {
             let mut inner = self.lock();
@@ -156,6 +250,11 @@ impl Registry {
             slot
         };
         let m = session.mandate();
+        if let Some(id) = &m.source.identity {
+            // Every record of the session names who may drive it (AG-374 4.2).
+            self.audit
+                .tag_session(&session.id, super::identity::audit_tag(id));
+        }
         let created = self
             .audit
             .record(
@@ -196,6 +295,7 @@ impl Registry {
     }
 
     fn forget(&self, s: &Session, slot: u32) {
+        self.audit.untag_session(&s.id);
         let mut inner = self.lock();
         inner.sessions.remove(&s.id);
         inner.by_capability.remove(&s.capability);
@@ -204,6 +304,7 @@ impl Registry {
 
     /// Called when a session is purged: its uid slot is free again, its capability dead.
     fn release(&self, s: &Session, slot: u32) {
+        self.audit.untag_session(&s.id);
         let mut inner = self.lock();
         inner.by_capability.remove(&s.capability);
         if matches!(s.state(), State::Purged(_)) {
@@ -254,7 +355,9 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         // One change at a time, so each is judged against the mandate the one before left.
         let _one = self.changing.lock().await;
-        if s.state() != State::Active {
+        // A detached session's mandate can change too: the change holds from the first
+        // request after a resumption (AG-374 4.4).
+        if !s.is_running() {
             return Err(RegistryError::NotActive(s.id.clone(), s.state().name()));
         }
         let patched = super::patch::prepare(
@@ -263,11 +366,12 @@ impl Registry {
             OffsetDateTime::now_utc(),
             self.cfg.limits.max_ttl.as_secs(),
         )?;
-        let changes: Vec<_> = patched.changes.iter().map(|c| c.to_json()).collect();
+        let changes_json: Vec<_> = patched.changes.iter().map(|c| c.to_json()).collect();
         let record = json!({
             "agent": s.mandate().source.agent,
             "approved_by": patched.approved_by,
-            "changes": changes,
+            "changes": changes_json,
+            "governance_version": s.governance_version() + 1,
         });
         let widens = patched.widens();
         if widens {
@@ -291,7 +395,7 @@ impl Registry {
             );
         }
         let changes = patched.changes;
-        s.replace_mandate(patched.mandate);
+        s.replace_mandate(patched.mandate, json!(changes_json));
         if !widens {
             self.audit
                 .record("mandate.narrowed", Some(&s.id), record)

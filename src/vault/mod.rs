@@ -224,6 +224,11 @@ impl HeldCredential {
         &self.jar
     }
 
+    /// Whether a narrowed mandate took it away (its values are gone).
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
     /// The fingerprints of every value held for this credential (its token identifiers in
     /// the audit log), without duplicates.
     pub fn token_ids(&self) -> Vec<String> {

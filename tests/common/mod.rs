@@ -181,7 +181,8 @@ impl Drop for Supervisor {
     }
 }
 
-/// One request to a control API at `addr` (blocking); returns (status, body).
+/// One request to a control API at `addr` (blocking); returns (status, body). It runs on its
+/// own thread and runtime, so a test may call it from inside an async block too.
 pub fn control_api(
     addr: &chaperone::config::ControlAddr,
     token: Option<&str>,
@@ -189,18 +190,25 @@ pub fn control_api(
     path: &str,
     body: Option<&str>,
 ) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(chaperone::client::request(
-        addr,
-        token,
-        method,
-        path,
-        body.map(str::to_string),
-    ))
-    .expect("control API request")
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(chaperone::client::request(
+                    addr,
+                    token,
+                    method,
+                    path,
+                    body.map(str::to_string),
+                ))
+                .expect("control API request")
+            })
+            .join()
+            .expect("control API thread")
+    })
 }
 
 pub fn read_audit(path: &Path) -> Vec<Value> {
@@ -394,6 +402,44 @@ impl Cdp {
             next_id: 0,
             seen: Vec::new(),
         }
+    }
+
+    /// Connects with extra request headers; on refusal, the HTTP status and body.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Cdp, (u16, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.into_client_request().expect("ws request");
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        .expect("ws connect hung");
+        match r {
+            Ok((ws, _)) => Ok(Cdp {
+                ws,
+                next_id: 0,
+                seen: Vec::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err((
+                resp.status().as_u16(),
+                resp.body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default(),
+            )),
+            Err(e) => panic!("ws connect to {url}: {e}"),
+        }
+    }
+
+    /// Drops the connection without a close frame, as a network failure would.
+    pub fn abort(self) {
+        drop(self);
     }
 
     pub async fn send_raw(&mut self, text: String) {
