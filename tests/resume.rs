@@ -680,3 +680,263 @@ fn an_agent_key_bound_session_refuses_the_capability_alone() {
         "an agent key is in the audit log"
     );
 }
+
+/// A shop that counts orders and holds each order's answer until the test releases it, so an
+/// order can be in flight when the agent's connection drops.
+struct HeldShop {
+    port: u16,
+    orders: Arc<AtomicUsize>,
+    release: Arc<(Mutex<bool>, Condvar)>,
+}
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+impl HeldShop {
+    fn start() -> HeldShop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let orders = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let (o, r) = (orders.clone(), release.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { break };
+                let (o, r) = (o.clone(), r.clone());
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let body = if head.contains(" /order") {
+                        o.fetch_add(1, Ordering::SeqCst);
+                        // Held until released (bounded: a stuck test fails, not hangs).
+                        let (lock, cv) = &*r;
+                        let released = cv
+                            .wait_timeout_while(
+                                lock.lock().unwrap(),
+                                std::time::Duration::from_secs(60),
+                                |released| !*released,
+                            )
+                            .unwrap();
+                        drop(released);
+                        "<!doctype html><title>order</title><p id=msg>order placed</p>"
+                    } else {
+                        "<!doctype html><title>shop</title><p id=msg>shop</p>"
+                    };
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        HeldShop {
+            port,
+            orders,
+            release,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://shop.test:{}{path}", self.port)
+    }
+
+    fn orders(&self) -> usize {
+        self.orders.load(Ordering::SeqCst)
+    }
+
+    fn release(&self) {
+        *self.release.0.lock().unwrap() = true;
+        self.release.1.notify_all();
+    }
+
+    async fn wait_orders(&self, n: usize) {
+        for _ in 0..400 {
+            if self.orders() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("the shop never got order {n}");
+    }
+}
+
+/// The frame of the order: a POST from the page, answered when the shop answers.
+fn order_frame(id: i64, page: &str) -> String {
+    json!({
+        "id": id,
+        "sessionId": page,
+        "method": "Runtime.evaluate",
+        "params": {
+            "expression": "fetch('/order', {method: 'POST'}).then(r => r.text()).then(t => t.includes('order placed'))",
+            "awaitPromise": true,
+            "returnByValue": true,
+        },
+    })
+    .to_string()
+}
+
+/// Waits for the answer to `id`, skipping events.
+async fn answer(c: &mut Cdp, id: i64) -> Value {
+    loop {
+        match c.recv().await {
+            Ok(v) if v["id"] == id => return v,
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended waiting for {id}: {e:?}"),
+        }
+    }
+}
+
+/// An agent opens the shop, gets a resume ticket over CDP, sends an order, and loses its
+/// connection while the order is in flight. Returns the ticket's answer and the page session.
+async fn order_then_drop(
+    sup: &Supervisor,
+    shop: &HeldShop,
+    id: &str,
+    url: &str,
+) -> (Value, String) {
+    let mut c = Cdp::connect(url).await;
+    let page = c.open_page(&shop.url("/")).await;
+    let t = c.call("Chaperone.getResumeTicket", json!({}), None).await;
+    assert!(t["result"]["ticket"].is_string(), "{t}");
+    c.send_raw(order_frame(42, &page)).await;
+    shop.wait_orders(1).await;
+    let before = sup.events("session.detached").len();
+    c.abort();
+    wait_detached(sup, id, before).await;
+    (t["result"].clone(), page)
+}
+
+#[test]
+fn ag374_8_4_an_order_in_flight_at_the_drop_runs_once_across_a_continue_resume() {
+    let shop = HeldShop::start();
+    let sup = Supervisor::start();
+    let s = sup.session(&mandate(600, &["shop.test"]));
+    let id = id_of(&s);
+    let url = s["cdp_url"].as_str().unwrap().to_string();
+    rt().block_on(async {
+        let (t, page) = order_then_drop(&sup, &shop, &id, &url).await;
+        // The shop answers while the agent is away; the answer is kept.
+        shop.release();
+        let resumed = sup.wait_audit("session.detached then parked", |r| {
+            r["event"] == "session.detached" && r["session"] == id.as_str()
+        });
+        assert_eq!(resumed["parked"], 1, "{resumed}");
+        let mut c = Cdp::connect(t["continueUrl"].as_str().unwrap()).await;
+        // What happened to the order while the agent was away: `Chaperone.reconcile` says,
+        // until the shop's answer is in.
+        let mut outcome = Value::Null;
+        for _ in 0..200 {
+            let r = c.call("Chaperone.reconcile", json!({}), None).await;
+            outcome = r["result"]["operations"][0]["outcome"].clone();
+            if outcome == "answered" {
+                break;
+            }
+            assert_eq!(outcome, "in_flight", "{r}");
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(outcome, "answered");
+        // The same order again, byte for byte: answered from what was kept, not sent again.
+        c.send_raw(order_frame(42, &page)).await;
+        let a = answer(&mut c, 42).await;
+        assert_eq!(a["result"]["result"]["value"], true, "{a}");
+        assert_eq!(a["sessionId"], page.as_str());
+        // The page session of the first connection still works in continue mode.
+        let v = c
+            .eval(&page, "document.querySelector('#msg').textContent")
+            .await;
+        assert_eq!(v, "shop");
+        let r = c.call("Chaperone.reconcile", json!({}), None).await;
+        let ops = r["result"]["operations"].as_array().expect("operations");
+        assert!(
+            ops.iter()
+                .any(|o| o["id"] == 42 && o["outcome"] == "claimed"),
+            "{r}"
+        );
+    });
+    assert_eq!(shop.orders(), 1, "the order ran twice");
+    let r = last(&sup, "session.resumed", &id);
+    assert_eq!(r["mode"], "continue", "{r}");
+    assert_eq!(r["freshness"]["issued_via"], "cdp");
+    // At the resumption the order was still running or already answered (the shop was
+    // released before): one operation either way.
+    let rec = &r["reconciliation"];
+    assert_eq!(
+        rec["in_flight"].as_u64().unwrap() + rec["answered_during_gap"].as_u64().unwrap(),
+        1,
+        "{r}"
+    );
+    let rec = sup.wait_audit("session.reconciled", |r| {
+        r["event"] == "session.reconciled" && r["session"] == id.as_str()
+    });
+    assert_eq!(rec["replayed"][0]["id"], 42, "{rec}");
+}
+
+#[test]
+fn ag374_8_4_an_order_resent_before_its_answer_is_joined_not_repeated() {
+    let shop = HeldShop::start();
+    let sup = Supervisor::start();
+    let s = sup.session(&mandate(600, &["shop.test"]));
+    let id = id_of(&s);
+    let url = s["cdp_url"].as_str().unwrap().to_string();
+    rt().block_on(async {
+        let (t, page) = order_then_drop(&sup, &shop, &id, &url).await;
+        // Resumed while the shop still holds the order; a fresh browser session (reattach).
+        let mut c = Cdp::connect(t["resumeUrl"].as_str().unwrap()).await;
+        c.send_raw(order_frame(42, &page)).await;
+        shop.release();
+        let a = answer(&mut c, 42).await;
+        assert_eq!(a["result"]["result"]["value"], true, "{a}");
+        // Exactly one answer for 42.
+        let v = c.call("Browser.getVersion", json!({}), None).await;
+        assert!(v.get("result").is_some());
+        let again: Vec<&String> = c
+            .seen
+            .iter()
+            .filter(|f| f.starts_with(r#"{"id":42"#))
+            .collect();
+        assert_eq!(again.len(), 1, "{again:?}");
+    });
+    assert_eq!(shop.orders(), 1, "the order ran twice");
+    let r = last(&sup, "session.resumed", &id);
+    assert_eq!(r["mode"], "reattach", "{r}");
+}
+
+#[test]
+fn ag374_8_4_a_navigation_in_flight_at_the_drop_runs_once_across_a_reattach() {
+    let shop = HeldShop::start();
+    let sup = Supervisor::start();
+    let s = sup.session(&mandate(600, &["shop.test"]));
+    let id = id_of(&s);
+    let url = s["cdp_url"].as_str().unwrap().to_string();
+    let submit = shop.url("/order?item=1");
+    let nav = |page: &str| {
+        json!({"id": 7, "sessionId": page, "method": "Page.navigate", "params": {"url": submit}})
+            .to_string()
+    };
+    rt().block_on(async {
+        let mut c = Cdp::connect(&url).await;
+        let page = c.open_page(&shop.url("/")).await;
+        c.send_raw(nav(&page)).await;
+        shop.wait_orders(1).await;
+        let before = sup.events("session.detached").len();
+        c.abort();
+        wait_detached(&sup, &id, before).await;
+        shop.release();
+        let t = ticket(&sup, &id);
+        let mut c = Cdp::connect(t["cdp_url"].as_str().unwrap()).await;
+        c.send_raw(nav(&page)).await;
+        let a = answer(&mut c, 7).await;
+        assert!(a["result"]["frameId"].is_string(), "{a}");
+    });
+    assert_eq!(shop.orders(), 1, "the navigation ran twice");
+}
