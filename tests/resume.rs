@@ -388,10 +388,14 @@ fn ag374_8_3_governance_changed_during_the_gap_applies_to_the_first_resumed_requ
         let seen_before = site.requests.lock().unwrap().len();
         let t = ticket(&sup, &id);
         let mut c = Cdp::connect(t["cdp_url"].as_str().unwrap()).await;
-        let page = c.open_page(&site_url).await;
+        let page = c.open_page(&format!("{site_url}?after=resume")).await;
         assert!(site.hits.load(std::sync::atomic::Ordering::SeqCst) > hits_before);
-        let after: Vec<String> = site.requests.lock().unwrap()[seen_before..].to_vec();
-        assert!(!after.is_empty());
+        let after: Vec<String> = site.requests.lock().unwrap()[seen_before..]
+            .iter()
+            .filter(|r| r.starts_with("GET /?after=resume "))
+            .cloned()
+            .collect();
+        assert_eq!(after.len(), 1, "{after:?}");
         for r in &after {
             assert!(
                 !r.contains("SECRET-TOKEN-93ab2e"),
@@ -939,4 +943,57 @@ fn ag374_8_4_a_navigation_in_flight_at_the_drop_runs_once_across_a_reattach() {
         assert!(a["result"]["frameId"].is_string(), "{a}");
     });
     assert_eq!(shop.orders(), 1, "the navigation ran twice");
+}
+
+#[test]
+fn ag374_4_11_a_resumed_session_injects_no_credential_during_its_quiet_period() {
+    let site = Site::start(TEST_PAGE);
+    let sup = Supervisor::start();
+    let mut m = mandate(600, &["site.test"]);
+    m["resume_quiet_secs"] = json!(600);
+    m["credentials"] = json!([{
+        "id": "api",
+        "site": "site.test",
+        "headers": {"X-Api-Key": "SECRET-TOKEN-93ab2e"},
+    }]);
+    let s = sup.session(&m);
+    let id = id_of(&s);
+    let url = s["cdp_url"].as_str().unwrap().to_string();
+    let site_url = format!("http://site.test:{}/", site.port());
+    rt().block_on(async {
+        let mut c = Cdp::connect(&url).await;
+        c.open_page(&site_url).await;
+        assert!(site.seen().contains("SECRET-TOKEN-93ab2e"));
+        let before = sup.events("session.detached").len();
+        c.abort();
+        wait_detached(&sup, &id, before).await;
+        let seen_before = site.requests.lock().unwrap().len();
+        let t = ticket(&sup, &id);
+        let mut c = Cdp::connect(t["cdp_url"].as_str().unwrap()).await;
+        c.open_page(&format!("{site_url}?after=resume")).await;
+        // The document request made after the resumption (a favicon of the first page may
+        // still arrive from before it).
+        let after: Vec<String> = site.requests.lock().unwrap()[seen_before..]
+            .iter()
+            .filter(|r| r.starts_with("GET /?after=resume "))
+            .cloned()
+            .collect();
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert!(
+            !after[0].contains("SECRET-TOKEN-93ab2e"),
+            "a credential was injected during the quiet period: {}",
+            after[0]
+        );
+    });
+    let w = sup.wait_audit("credential.withheld", |r| {
+        r["event"] == "credential.withheld" && r["session"] == id.as_str()
+    });
+    assert!(
+        w["reason"].as_str().unwrap().contains("resume_quiet_secs"),
+        "{w}"
+    );
+    assert_eq!(
+        last(&sup, "session.resumed", &id)["credentials_quiet_secs"],
+        600
+    );
 }

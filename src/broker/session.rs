@@ -74,6 +74,8 @@ struct State {
     held: Arc<HeldCell>,
     /// The mandate's `unlisted_credentials` and `on_leak`, as in force (a PATCH may change them).
     rules: Mutex<(UnlistedCredentials, OnLeak)>,
+    /// No credential is injected before this (a resumed session's quiet period, AG-374 4.11).
+    quiet_until: Mutex<Option<std::time::Instant>>,
     events: Arc<dyn BrokerEvents>,
     corr: Mutex<Correlation>,
     /// Coalescing keys of audit records already written.
@@ -227,6 +229,7 @@ impl Broker {
             vault: Mutex::new(vault),
             held,
             rules: Mutex::new((mandate.source.unlisted_credentials, mandate.source.on_leak)),
+            quiet_until: Mutex::new(None),
             events,
             corr: Mutex::new(Correlation::default()),
             recorded: Mutex::new(HashSet::new()),
@@ -290,6 +293,13 @@ impl Broker {
     /// request on.
     pub fn set_rules(&self, unlisted: UnlistedCredentials, on_leak: OnLeak) {
         *lock(&self.state.rules) = (unlisted, on_leak);
+    }
+
+    /// Injects no credential for `quiet` from now on (a resumed session's quiet period):
+    /// requests to credential sites go without them, audited as `credential.withheld`.
+    /// Stripping and leak checks go on as always.
+    pub fn quiet_for(&self, quiet: std::time::Duration) {
+        *lock(&self.state.quiet_until) = Some(std::time::Instant::now() + quiet);
     }
 
     /// The ids of the credentials the vault holds now (not those a narrowed mandate removed).
@@ -750,6 +760,24 @@ impl State {
                 context,
             };
             let d = decide(&req, &vault, lock(&self.rules).0);
+            let quiet = lock(&self.quiet_until).is_some_and(|t| std::time::Instant::now() < t);
+            // During a quiet period an injection becomes a withholding: the request goes as
+            // the browser made it, which for a credential site means without credentials.
+            let (d, why_withheld) = match d {
+                Decision::Continue {
+                    injected: Some(inj),
+                    ..
+                } if quiet => (
+                    Decision::Continue {
+                        headers: None,
+                        injected: None,
+                        stripped: Vec::new(),
+                        withheld: Some(inj.credential),
+                    },
+                    "the session resumed recently (resume_quiet_secs)",
+                ),
+                d => (d, "the request does not come from a first-party context"),
+            };
             // Names for the audit record, read while the vault is at hand.
             let name_of = |i: usize| vault.credentials()[i].id.clone();
             match &d {
@@ -759,8 +787,9 @@ impl State {
                     d.clone(),
                     injected.as_ref().map(|i| name_of(i.credential)),
                     withheld.map(name_of),
+                    why_withheld,
                 ),
-                _ => (d.clone(), None, None),
+                _ => (d.clone(), None, None, why_withheld),
             }
         };
         match decision {
@@ -773,6 +802,7 @@ impl State {
                 },
                 injected_name,
                 withheld_name,
+                why_withheld,
             ) => {
                 if let (Some(inj), Some(name)) = (&injected, &injected_name) {
                     self.record_once(
@@ -791,7 +821,7 @@ impl State {
                         format!("wh|{name}|{host}|{initiator}"),
                         "credential.withheld",
                         json!({"credential": name, "host": host, "initiator": initiator,
-                               "reason": "the request does not come from a first-party context"}),
+                               "reason": why_withheld}),
                     );
                 }
                 if !stripped.is_empty() {

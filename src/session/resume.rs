@@ -511,10 +511,18 @@ impl Registry {
             "freshness": freshness,
             "governance": governance,
             "reconciliation": reconciliation,
+            "credentials_quiet_secs": m.resume.quiet.as_secs(),
         });
         if let (Some(f), Value::Object(t)) = (fields.as_object_mut(), Self::times(s)) {
             f.extend(t);
             f.remove("attempted_at");
+        }
+        // Progressive restoration (AG-374 4.11): credentials wait out the quiet period,
+        // set before the first resumed request can reach the broker.
+        if !m.resume.quiet.is_zero() {
+            if let Some(b) = s.broker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                b.quiet_for(m.resume.quiet);
+            }
         }
         let recorded = async {
             self.store
