@@ -71,6 +71,18 @@ enum Command {
         #[command(subcommand)]
         op: SessionOp,
     },
+    /// Operate the agent keys of a running supervisor (mandates bind sessions to them with
+    /// `identity.agent_key`).
+    AgentKey {
+        /// Control API: unix:PATH or ADDR:PORT (default: the default config's).
+        #[arg(long, global = true)]
+        control: Option<ControlAddr>,
+        /// File with the operator token (TCP control API).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        op: KeyOp,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -117,6 +129,29 @@ enum SessionOp {
     /// Revoke a session; returns once it is purged.
     Revoke {
         /// Session id.
+        id: String,
+    },
+    /// Issue a resume ticket for a session's agent (for one that lost its own); prints the
+    /// ticket and the agent URLs that carry it.
+    Ticket {
+        /// Session id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyOp {
+    /// Issue a key; prints its id and the key itself (shown only this once).
+    Issue {
+        /// Who the key is for.
+        #[arg(long)]
+        label: String,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Revoke a key; every session bound to it is ended and purged before this returns.
+    Revoke {
+        /// Key id (`ak_…`).
         id: String,
     },
 }
@@ -195,7 +230,26 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             control,
             token_file,
             op,
-        } => session(control, token_file, op).await,
+        } => {
+            let req = session_request(op)?;
+            control_call(control, token_file, req).await
+        }
+        Command::AgentKey {
+            control,
+            token_file,
+            op,
+        } => {
+            let req = match op {
+                KeyOp::Issue { label } => (
+                    "POST",
+                    "/v1/agent-keys".to_string(),
+                    Some(serde_json::json!({ "label": label }).to_string()),
+                ),
+                KeyOp::List => ("GET", "/v1/agent-keys".to_string(), None),
+                KeyOp::Revoke { id } => ("DELETE", format!("/v1/agent-keys/{id}"), None),
+            };
+            control_call(control, token_file, req).await
+        }
         Command::Audit {
             op: AuditOp::Verify { file, key_file },
         } => audit_verify(&file, key_file.as_deref()),
@@ -358,22 +412,11 @@ fn exit_code(s: std::process::ExitStatus) -> u8 {
     }
 }
 
-async fn session(
-    control: Option<ControlAddr>,
-    token_file: Option<PathBuf>,
-    op: SessionOp,
-) -> anyhow::Result<ExitCode> {
-    let addr = control.unwrap_or_else(|| Config::default().control);
-    let token = match token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(&f)
-                .with_context(|| format!("--token-file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let (method, path, body) = match op {
+/// A control API request: method, path, body.
+type ControlRequest = (&'static str, String, Option<String>);
+
+fn session_request(op: SessionOp) -> anyhow::Result<ControlRequest> {
+    Ok(match op {
         SessionOp::Start {
             profile,
             mandate_json,
@@ -406,6 +449,25 @@ async fn session(
             )
         }
         SessionOp::Revoke { id } => ("DELETE", format!("/v1/sessions/{id}"), None),
+        SessionOp::Ticket { id } => ("POST", format!("/v1/sessions/{id}/resume-ticket"), None),
+    })
+}
+
+/// Sends one request to the control API, prints the answer, and exits 1 on an error status.
+async fn control_call(
+    control: Option<ControlAddr>,
+    token_file: Option<PathBuf>,
+    (method, path, body): ControlRequest,
+) -> anyhow::Result<ExitCode> {
+    let addr = control.unwrap_or_else(|| Config::default().control);
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("--token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
     };
     let (status, value) =
         crate::client::request(&addr, token.as_deref(), method, &path, body).await?;

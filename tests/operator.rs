@@ -214,6 +214,13 @@ fn session_cli_starts_shows_and_revokes() {
     ]);
     assert_eq!(code, Some(0), "{widened}");
     assert_eq!(widened["changes"][0]["widened"], true);
+    let (code, ticket) = cli(&["ticket", id]);
+    assert_eq!(code, Some(0), "{ticket}");
+    assert!(ticket["ticket"].as_str().unwrap().starts_with("chpr1."));
+    assert!(ticket["cdp_url"]
+        .as_str()
+        .unwrap()
+        .contains("?ticket=chpr1."));
     let (code, revoked) = cli(&["revoke", id]);
     assert_eq!(code, Some(0));
     assert_eq!(revoked["state"], "purged");
@@ -230,6 +237,42 @@ fn session_cli_starts_shows_and_revokes() {
     ]);
     assert_eq!(code, Some(1));
     assert!(bad["error"].as_str().unwrap().contains("ttl_secs"), "{bad}");
+}
+
+#[test]
+fn agent_key_cli_issues_lists_and_revokes() {
+    let sup = Supervisor::start();
+    let control = format!("unix:{}", sup.control.display());
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin())
+            .arg("agent-key")
+            .args(args)
+            .args(["--control", &control])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v)
+    };
+    let (code, issued) = cli(&["issue", "--label", "nightly crawler"]);
+    assert_eq!(code, Some(0), "{issued}");
+    let id = issued["id"].as_str().unwrap().to_string();
+    let key = issued["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("chak_"), "{issued}");
+    let (code, list) = cli(&["list"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(list["keys"][0]["id"], id.as_str());
+    assert_eq!(list["keys"][0]["label"], "nightly crawler");
+    assert!(!list.to_string().contains(&key), "the list shows a key");
+    let (code, revoked) = cli(&["revoke", &id]);
+    assert_eq!(code, Some(0), "{revoked}");
+    assert!(revoked["revoked_at"].is_string());
+    let (code, missing) = cli(&["revoke", "ak_00000000"]);
+    assert_eq!(code, Some(1));
+    assert!(missing["error"].as_str().unwrap().contains("ak_00000000"));
+    let issued_rec = sup.events("agent_key.issued");
+    assert_eq!(issued_rec[0]["agent_key"], id.as_str());
+    assert_eq!(sup.events("agent_key.revoked")[0]["agent_key"], id.as_str());
+    assert!(!std::fs::read_to_string(&sup.audit).unwrap().contains(&key));
 }
 
 #[test]
