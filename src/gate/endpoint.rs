@@ -775,7 +775,13 @@ async fn agent_connection(
             .record_detached("session.reconciled", Some(&session.id), r);
     }
     // A page websocket is a view of one page; only the browser-level connection is kept.
-    if after == After::Park && (page.is_some() || session.mandate().source.revoke_on_disconnect) {
+    // Only the last connection is kept: a resumption happens only once the session is
+    // detached, and while others stay connected nothing would ever take a kept one up.
+    if after == After::Park
+        && (page.is_some()
+            || session.mandate().source.revoke_on_disconnect
+            || session.agents_connected() > 1)
+    {
         after = After::Detach;
     }
     match after {
