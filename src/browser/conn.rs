@@ -903,8 +903,9 @@ enum Outcome {
     InFlight,
     /// Answered during the gap; the reply waits for an identical re-send.
     Answered(String),
-    /// Answered after a continue-mode resume, to the agent, as usual.
-    Delivered,
+    /// Answered after a continue-mode resume, to the agent, as usual. The reply is kept (when
+    /// it fits the budget) for an identical re-send the agent may have sent before it read it.
+    Delivered(Option<String>),
     /// Re-sent identically while still running: the re-send gets the one answer.
     Joined,
     /// Its stored reply was given on an identical re-send.
@@ -921,7 +922,7 @@ impl Outcome {
         match self {
             Outcome::InFlight => "in_flight",
             Outcome::Answered(_) => "answered",
-            Outcome::Delivered => "delivered",
+            Outcome::Delivered(_) => "delivered",
             Outcome::Joined => "joined",
             Outcome::Claimed => "claimed",
             Outcome::Superseded => "superseded",
@@ -1051,7 +1052,13 @@ impl ReplayBook {
     }
 
     /// Whether the answer to `pipe_id` goes to a live agent consulting this book.
-    fn on_live_answer(&mut self, pipe_id: Option<u32>, id: i64, alias: &Option<String>) -> bool {
+    fn on_live_answer(
+        &mut self,
+        pipe_id: Option<u32>,
+        id: i64,
+        alias: &Option<String>,
+        text: &str,
+    ) -> bool {
         let key = (id, alias.clone());
         let Some(entry) = self
             .entries
@@ -1062,7 +1069,13 @@ impl ReplayBook {
         };
         match entry.state {
             Outcome::InFlight => {
-                entry.state = Outcome::Delivered;
+                let kept = match self.keep(text.to_string()) {
+                    Outcome::Answered(t) => Some(t),
+                    _ => None,
+                };
+                if let Some(entry) = self.entries.get_mut(&key) {
+                    entry.state = Outcome::Delivered(kept);
+                }
                 true
             }
             Outcome::Superseded => false,
@@ -1078,7 +1091,7 @@ impl ReplayBook {
         };
         if entry.digest == *digest {
             let (state, replay) = match std::mem::replace(&mut entry.state, Outcome::Claimed) {
-                Outcome::Answered(text) => {
+                Outcome::Answered(text) | Outcome::Delivered(Some(text)) => {
                     self.bytes -= text.len();
                     (Outcome::Claimed, Replay::Reply(text))
                 }
@@ -1162,7 +1175,7 @@ impl ReplayBook {
             "unclaimed": count(|o| matches!(o, Outcome::Answered(_))),
             "superseded": count(|o| matches!(o, Outcome::Superseded)),
             "lost": count(|o| matches!(o, Outcome::Lost { .. })),
-            "delivered": count(|o| matches!(o, Outcome::Delivered)),
+            "delivered": count(|o| matches!(o, Outcome::Delivered(_))),
             "in_flight": count(|o| matches!(o, Outcome::InFlight)),
         })
     }
@@ -1970,7 +1983,8 @@ impl Router {
         let book = agent.book.and_then(|b| self.books.get_mut(&b));
         match agent.mode {
             Mode::Live => {
-                let deliver = book.is_none_or(|b| b.on_live_answer(pipe_id, tag.id, &tag.alias));
+                let deliver =
+                    book.is_none_or(|b| b.on_live_answer(pipe_id, tag.id, &tag.alias, &text));
                 if deliver {
                     agent.push(text, Some(Answers::Request(Box::new(tag))));
                 }

@@ -996,6 +996,25 @@ async fn in_flight_command_resent_after_resume_is_joined_answered_once_and_writt
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_racing_a_delivered_answer_is_answered_again_not_run_again() {
+    // Continue mode: the answer arrives after the resumption and is delivered as usual, while
+    // the agent, not having read it yet, re-sends the command.
+    let (conn, mut fake) = start();
+    let (a, _) = attach(&conn, &mut fake, "a", "REAL-ROOT-A").await;
+    let order = r#"{"id":9,"method":"Target.createTarget","params":{"url":"about:blank"}}"#;
+    let sent = forwarded(&mut fake, &a, order).await;
+    let a = a.park(BUDGET).unwrap().resume();
+    answer(&mut fake, &sent, json!({"targetId": "T9"})).await;
+    let first = next_json(&a).await;
+    assert_eq!(first, json!({"id": 9, "result": {"targetId": "T9"}}));
+    assert_eq!(a.from_agent(order), None);
+    fake.assert_quiet(&conn).await;
+    assert_eq!(next_json(&a).await, first);
+    let ops = a.reconciliation().unwrap();
+    assert_eq!(ops["replayed"][0]["id"], 9, "{ops}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_params_with_the_same_id_are_forwarded() {
     // Continue mode: the same conversation reused the id, so the old command is superseded
     // and its late answer dropped.

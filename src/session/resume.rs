@@ -253,14 +253,38 @@ impl Registry {
         peer: Option<&str>,
         governance: Value,
     ) -> ResumeRefused {
-        let counted = r.reason != "no_ticket";
+        // Only what a ticket shows about its holder counts toward the anomaly threshold: a
+        // missing ticket (an older client that just reconnects), a full registry or an ended
+        // session is no sign of an attack.
+        let ticket_refusal = matches!(
+            r.reason,
+            "tampered"
+                | "foreign_instance"
+                | "foreign_session"
+                | "foreign_identity"
+                | "expired"
+                | "replayed"
+                | "superseded"
+        );
+        let counted = ticket_refusal;
+        let freshness = if ticket_refusal {
+            format!("refused:{}", r.reason)
+        } else {
+            match r.reason {
+                "no_ticket" => "missing",
+                "ended" | "not_detached" => "not_reached",
+                // Every later step runs after the ticket (if one is required) passed.
+                _ => "passed",
+            }
+            .to_string()
+        };
         let mut fields = json!({
             "agent": s.mandate().source.agent,
             "reason": r.reason,
             "message": r.message,
             "path": path,
             "peer": peer,
-            "freshness": {"result": if r.reason == "no_ticket" { "missing".to_string() } else if governance.is_null() { format!("refused:{}", r.reason) } else { "ok".to_string() }},
+            "freshness": {"result": freshness},
             "governance": if governance.is_null() { json!({"result": "not_reached"}) } else { governance },
             "counted_toward_anomaly": counted,
         });
