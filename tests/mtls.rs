@@ -6,21 +6,29 @@ mod common;
 
 use common::*;
 
-#[test]
-fn mtls_required_refuses_agents_without_a_client_certificate_at_the_handshake() {
-    let dir = tempfile::tempdir().unwrap();
+/// A supervisor whose agent endpoint serves TLS with a fresh self-signed certificate and asks
+/// for client certificates as `client_auth` says; returns it, the certificate (PEM) to trust,
+/// and the directory holding the certificate and key files (removed when dropped).
+fn tls_supervisor(client_auth: &str) -> (Supervisor, String, tempfile::TempDir) {
     let server =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
             .unwrap();
     let ca = server.cert.pem();
+    let dir = tempfile::tempdir().unwrap();
     let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_file, &ca).unwrap();
     std::fs::write(&key_file, server.signing_key.serialize_pem()).unwrap();
     let sup = Supervisor::start_with_config(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_auth = \"required\"\n",
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_auth = \"{client_auth}\"\n",
         cert_file.display(),
         key_file.display()
     ));
+    (sup, ca, dir)
+}
+
+#[test]
+fn mtls_required_refuses_agents_without_a_client_certificate_at_the_handshake() {
+    let (sup, ca, _files) = tls_supervisor("required");
     let s = sup.session(&mandate(60, &["site.test"]));
     let cdp_url = s["cdp_url"].as_str().unwrap().to_string();
     let version_url = format!("{}/json/version", s["http_url"].as_str().unwrap());
@@ -64,21 +72,9 @@ fn mtls_required_refuses_agents_without_a_client_certificate_at_the_handshake() 
 /// proved (AG-374 8.6, another identity).
 #[test]
 fn ag374_8_6_the_certificate_pin_binds_the_session_and_its_tickets() {
-    let dir = tempfile::tempdir().unwrap();
-    let server =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let ca = server.cert.pem();
-    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_file, &ca).unwrap();
-    std::fs::write(&key_file, server.signing_key.serialize_pem()).unwrap();
     // Optional at the handshake, so a connection without a certificate reaches the endpoint
     // and the session's own pin refuses it.
-    let sup = Supervisor::start_with_config(&format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_auth = \"optional\"\n",
-        cert_file.display(),
-        key_file.display()
-    ));
+    let (sup, ca, _files) = tls_supervisor("optional");
     let (a_cert, a_key, a_fp) = make_client_cert("agent-a");
     let (b_cert, b_key, b_fp) = make_client_cert("agent-b");
     let (c_cert, c_key, _) = make_client_cert("stranger");

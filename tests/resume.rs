@@ -87,6 +87,18 @@ fn ended(sup: &Supervisor, id: &str) -> Value {
     })
 }
 
+/// A resumption of an ended session is refused: its capability is dead (404) or the
+/// session is on its way out (410).
+fn assert_gone(url: &str, headers: &[(&str, &str)]) {
+    rt().block_on(async {
+        let (status, _) = Cdp::connect_with(url, headers)
+            .await
+            .err()
+            .expect("refused");
+        assert!(status == 404 || status == 410, "{status}");
+    });
+}
+
 #[test]
 fn one_live_connection_unless_the_mandate_allows_more() {
     let sup = Supervisor::start();
@@ -455,16 +467,10 @@ fn ag374_8_3_a_revoked_agent_key_ends_the_session_and_refuses_resumption() {
     assert_eq!(v["state"], "purged", "{v}");
     let end = last(&sup, "session.revoked", &id);
     assert_eq!(end["trigger"], "agent_key_revoked", "{end}");
-    rt().block_on(async {
-        let (status, _) = Cdp::connect_with(
-            t["cdp_url"].as_str().unwrap(),
-            &[("Authorization", &bearer)],
-        )
-        .await
-        .err()
-        .expect("refused");
-        assert!(status == 404 || status == 410, "{status}");
-    });
+    assert_gone(
+        t["cdp_url"].as_str().unwrap(),
+        &[("Authorization", &bearer)],
+    );
     // A new session cannot be bound to the revoked key.
     let (status, body) = sup.api("POST", "/v1/sessions", Some(&m.to_string()));
     assert_eq!(status, 400, "{body}");
@@ -503,13 +509,7 @@ fn ag374_8_3_a_window_closed_during_the_gap_ends_the_session() {
     assert_eq!(status, 200, "{body}");
     let purged = ended(&sup, &id);
     assert_eq!(purged["processes_left"], 0);
-    rt().block_on(async {
-        let (status, _) = Cdp::connect_with(t["cdp_url"].as_str().unwrap(), &[])
-            .await
-            .err()
-            .expect("refused");
-        assert!(status == 404 || status == 410, "{status}");
-    });
+    assert_gone(t["cdp_url"].as_str().unwrap(), &[]);
 }
 
 #[test]
@@ -527,13 +527,7 @@ fn ag374_8_5_after_the_window_the_session_is_purged_and_resumption_refused() {
     let end = last(&sup, "session.resume_expired", &id);
     assert_eq!(end["trigger"], "resume_window", "{end}");
     assert!(end["detail"]["interrupted_at"].is_string(), "{end}");
-    rt().block_on(async {
-        let (status, _) = Cdp::connect_with(t["cdp_url"].as_str().unwrap(), &[])
-            .await
-            .err()
-            .expect("refused");
-        assert!(status == 404 || status == 410, "{status}");
-    });
+    assert_gone(t["cdp_url"].as_str().unwrap(), &[]);
 }
 
 #[test]
