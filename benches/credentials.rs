@@ -1,7 +1,7 @@
 //! The credential broker's cost, measured in the same run on the same machine.
 //!
-//! `scripts/bench.sh` runs this after `benches/session.rs` (which rewrites the whole of
-//! `BENCHMARKS.md`); this program replaces only its own section, between
+//! `scripts/bench.sh` runs this after `benches/session.rs` (which rewrites the rest of
+//! `BENCHMARKS.md` and keeps this section); this program replaces only its own section, between
 //! `<!-- credentials:begin -->` and `<!-- credentials:end -->`, and appends it when absent.
 //! Two figures:
 //!
@@ -57,8 +57,8 @@ const SITE: &str = "bank.test";
 /// Subresources of the page (the issue's figure).
 const SUBRESOURCES: usize = 100;
 
-const BEGIN: &str = "<!-- credentials:begin -->";
-const END: &str = "<!-- credentials:end -->";
+const BEGIN: &str = CREDENTIALS_BEGIN;
+const END: &str = CREDENTIALS_END;
 
 /// Targets from the issue.
 const LOAD_RATIO_TARGET: f64 = 1.10;

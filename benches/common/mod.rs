@@ -114,6 +114,20 @@ pub fn env_out() -> std::path::PathBuf {
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md"))
 }
 
+/// Markers around `benches/credentials.rs`'s section of BENCHMARKS.md.
+pub const CREDENTIALS_BEGIN: &str = "<!-- credentials:begin -->";
+/// See [`CREDENTIALS_BEGIN`].
+pub const CREDENTIALS_END: &str = "<!-- credentials:end -->";
+
+/// The credentials section of the report at `path` (markers included), if it has one, so a
+/// program that rewrites the rest of the file can keep it.
+pub fn credentials_section(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let b = text.find(CREDENTIALS_BEGIN)?;
+    let e = text.find(CREDENTIALS_END)?;
+    (b < e).then(|| text[b..e + CREDENTIALS_END.len()].to_string())
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
