@@ -233,6 +233,12 @@ pub struct LimitsConfig {
     /// the answers kept for replay, each (default 16 MiB). Beyond it the connection is not
     /// kept and a `continue=1` resumption is refused.
     pub resume_buffer: bytesize::ByteSize,
+    /// How often the endpoint pings an agent connection (websocket Ping). A connection that
+    /// sends nothing, not even a Pong, for three of these is taken as dropped by the network:
+    /// the session is detached and the connection's CDP session kept for a resumption, as
+    /// when the socket closes. Default 15 s; at least 1 s.
+    #[serde(with = "humantime_serde")]
+    pub agent_ping_interval: Duration,
 }
 
 impl Default for Config {
@@ -300,6 +306,7 @@ impl Default for LimitsConfig {
             max_mandate_bytes: 256 * 1024,
             max_agent_message: bytesize::ByteSize::mib(16),
             resume_buffer: bytesize::ByteSize::mib(16),
+            agent_ping_interval: Duration::from_secs(15),
         }
     }
 }
@@ -340,6 +347,9 @@ impl Config {
 
     /// Checks relations between fields.
     pub fn check(&self) -> Result<(), String> {
+        if self.limits.agent_ping_interval < Duration::from_secs(1) {
+            return Err("limits.agent_ping_interval: must be at least 1 s (e.g. \"15s\")".into());
+        }
         if matches!(self.control, ControlAddr::Tcp(_)) && self.control_token_file.is_none() {
             return Err(
                 "control: a TCP control API needs control_token_file (operator token)".into(),

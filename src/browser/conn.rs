@@ -896,6 +896,20 @@ enum BookMode {
     Reattach,
 }
 
+/// Whether a browser-session command configures the CDP session it is sent on rather than
+/// the browser: a new conversation needs it run on its own session.
+fn session_scoped(method: &str) -> bool {
+    matches!(
+        method,
+        "Target.setAutoAttach"
+            | "Target.setDiscoverTargets"
+            | "Target.attachToTarget"
+            | "Target.attachToBrowserTarget"
+            | "Target.autoAttachRelated"
+    ) || method.ends_with(".enable")
+        || method.ends_with(".disable")
+}
+
 /// What became of a request in flight when its agent was parked.
 #[derive(Debug)]
 enum Outcome {
@@ -1089,6 +1103,12 @@ impl ReplayBook {
         let Some(entry) = self.entries.get_mut(&key) else {
             return Replay::Forward;
         };
+        // A reattached conversation has a browser session of its own: what configures the
+        // CDP session itself (auto-attach, discovery, attaching, domain enables) must run on
+        // the new one, even when an identical command was in flight on the old one.
+        if self.mode == BookMode::Reattach && alias.is_none() && session_scoped(&entry.method) {
+            return Replay::Forward;
+        }
         if entry.digest == *digest {
             let (state, replay) = match std::mem::replace(&mut entry.state, Outcome::Claimed) {
                 Outcome::Answered(text) | Outcome::Delivered(Some(text)) => {
@@ -1100,6 +1120,8 @@ impl ReplayBook {
                     None => (Outcome::InFlight, Replay::Forward),
                 },
                 Outcome::Lost { told: false } => (Outcome::Lost { told: true }, Replay::Lost),
+                // Delivered, but too large to keep: the re-send raced it; refused, not run.
+                Outcome::Delivered(None) => (Outcome::Lost { told: true }, Replay::Lost),
                 // Settled: a later identical request is a new command.
                 settled => (settled, Replay::Forward),
             };

@@ -1015,6 +1015,22 @@ async fn a_resend_racing_a_delivered_answer_is_answered_again_not_run_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reattached_conversation_runs_its_own_session_setup_again() {
+    // The drop came while the client's start-up command was in flight; the new conversation
+    // sends the same bytes at the same id and needs it run on its own browser session.
+    let (conn, mut fake) = start();
+    let (c, _) = attach(&conn, &mut fake, "c", "REAL-ROOT-C").await;
+    let setup = r#"{"id":1,"method":"Target.setAutoAttach","params":{"autoAttach":true,"waitForDebuggerOnStart":true,"flatten":true}}"#;
+    let old = forwarded(&mut fake, &c, setup).await;
+    let parked = c.park(BUDGET).unwrap();
+    let (d, _) = attach(&conn, &mut fake, "d", "REAL-ROOT-D").await;
+    parked.drain_into(&d);
+    answer(&mut fake, &old, json!({})).await;
+    let again = forwarded(&mut fake, &d, setup).await;
+    assert_eq!(again["sessionId"], "REAL-ROOT-D");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_params_with_the_same_id_are_forwarded() {
     // Continue mode: the same conversation reused the id, so the old command is superseded
     // and its late answer dropped.

@@ -32,6 +32,7 @@ pub struct Endpoint {
     public_host: Option<String>,
     max_message: usize,
     resume_buffer: usize,
+    ping_every: std::time::Duration,
     protocol: Arc<tokio::sync::OnceCell<Result<bytes::Bytes, String>>>,
 }
 
@@ -42,6 +43,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
         public_host: cfg.public_host.clone(),
         max_message: usize::try_from(cfg.limits.max_agent_message.as_u64()).unwrap_or(usize::MAX),
         resume_buffer: usize::try_from(cfg.limits.resume_buffer.as_u64()).unwrap_or(usize::MAX),
+        ping_every: cfg.limits.agent_ping_interval,
         protocol: Arc::default(),
         reg,
     };
@@ -554,7 +556,7 @@ async fn upgrade_agent(
             Err(r) => return *refused(r),
         }
     } else {
-        match s.admit(ep.reg.audit()) {
+        match ep.reg.admit(&s) {
             Some(g) => (g, LinkSource::Fresh),
             None => {
                 let max = s.mandate().resume.max_connections;
@@ -586,6 +588,7 @@ async fn upgrade_agent(
         session: s,
         max_message: ep.max_message,
         resume_buffer: ep.resume_buffer,
+        ping_every: ep.ping_every,
         page,
         proven: a.proven,
     };
@@ -601,6 +604,7 @@ struct Conn {
     session: Arc<Session>,
     max_message: usize,
     resume_buffer: usize,
+    ping_every: std::time::Duration,
     page: Option<String>,
     proven: crate::session::identity::Proven,
 }
@@ -628,6 +632,7 @@ async fn agent_connection(
         session,
         max_message,
         resume_buffer,
+        ping_every,
         page,
         proven,
     } = conn;
@@ -644,8 +649,11 @@ async fn agent_connection(
         LinkSource::Fresh => browser.agent_link(&agent, observer).await,
         LinkSource::Reattach(parked) => {
             let link = browser.agent_link(&agent, observer).await;
-            if let (Ok(l), Some(p)) = (&link, parked) {
-                p.drain_into(l);
+            match (&link, parked) {
+                (Ok(l), Some(p)) => p.drain_into(l),
+                // Kept for the next attempt: its in-flight answers are not lost with this one.
+                (Err(_), Some(p)) => session.park(p),
+                (_, None) => {}
             }
             link
         }
@@ -687,6 +695,11 @@ async fn agent_connection(
     };
     let mut after = After::Park;
     let mut close_info = json!({"by": "client"});
+    // A network that drops silently (no FIN, no RST) shows only as silence: pings make every
+    // live client answer, so three intervals without a frame mean the connection is gone.
+    let mut ping = tokio::time::interval(ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = std::time::Instant::now();
     loop {
         tokio::select! {
             // The session's end is checked first: it is signalled before the browser is
@@ -697,6 +710,16 @@ async fn agent_connection(
                 let _ = tx.send(close(1001, reason)).await;
                 after = After::Nothing;
                 break;
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= ping_every * 3 {
+                    close_info = json!({"by": "network", "error": format!("no frame, not even a Pong, for {} s", last_heard.elapsed().as_secs())});
+                    break;
+                }
+                if tx.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    close_info = json!({"by": "network", "error": "send failed"});
+                    break;
+                }
             }
             Some(call) = local_rx.recv() => {
                 let answer = local_call(&reg, &session, &proven, &link, &call).await;
@@ -732,42 +755,45 @@ async fn agent_connection(
                     break;
                 }
             },
-            msg = rx.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
-                    session.touch();
-                    if t.len() > max_message {
-                        let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
-                        after = After::Detach;
+            msg = rx.next() => {
+                last_heard = std::time::Instant::now();
+                match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        session.touch();
+                        if t.len() > max_message {
+                            let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", t.len()))).await;
+                            after = After::Detach;
+                            break;
+                        }
+                        from_agent(t.as_str());
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        session.touch();
+                        if b.len() > max_message {
+                            let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", b.len()))).await;
+                            after = After::Detach;
+                            break;
+                        }
+                        // Chromium treats binary frames as text; so do we, invalid UTF-8 included
+                        // (the router answers it as a parse error).
+                        from_agent(&String::from_utf8_lossy(&b));
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        close_info = json!({"by": "client", "code": frame.map(|f| f.code)});
                         break;
                     }
-                    from_agent(t.as_str());
-                }
-                Some(Ok(Message::Binary(b))) => {
-                    session.touch();
-                    if b.len() > max_message {
-                        let _ = tx.send(close(1009, &format!("chaperone: message of {} bytes exceeds limits.max_agent_message ({max_message} bytes)", b.len()))).await;
-                        after = After::Detach;
+                    None => {
+                        close_info = json!({"by": "network"});
                         break;
                     }
-                    // Chromium treats binary frames as text; so do we, invalid UTF-8 included
-                    // (the router answers it as a parse error).
-                    from_agent(&String::from_utf8_lossy(&b));
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        let _ = tx.send(close(1002, &format!("chaperone: websocket error: {e}"))).await;
+                        close_info = json!({"by": "network", "error": e.to_string()});
+                        break;
+                    }
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    close_info = json!({"by": "client", "code": frame.map(|f| f.code)});
-                    break;
-                }
-                None => {
-                    close_info = json!({"by": "network"});
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    let _ = tx.send(close(1002, &format!("chaperone: websocket error: {e}"))).await;
-                    close_info = json!({"by": "network", "error": e.to_string()});
-                    break;
-                }
-            },
+            }
         }
     }
     if let Some(r) = link.reconciliation() {
@@ -777,17 +803,16 @@ async fn agent_connection(
     // A page websocket is a view of one page; only the browser-level connection is kept.
     // Only the last connection is kept: a resumption happens only once the session is
     // detached, and while others stay connected nothing would ever take a kept one up.
-    if after == After::Park
-        && (page.is_some()
-            || session.mandate().source.revoke_on_disconnect
-            || session.agents_connected() > 1)
-    {
+    if after == After::Park && (page.is_some() || session.mandate().source.revoke_on_disconnect) {
         after = After::Detach;
     }
     match after {
         After::Park => match link.park(resume_buffer) {
             Ok(parked) => {
                 close_info["parked"] = json!(parked.summary());
+                // Kept only if this turns out to be the session's last connection (the
+                // guard's drop decides, under the admission lock).
+                guard.set_parked(parked.id().get());
                 session.park(parked);
             }
             Err(link) => {

@@ -117,8 +117,11 @@ impl EndReason {
 pub struct AgentGuard {
     session: Arc<Session>,
     audit: crate::audit::Audit,
+    store: Arc<dyn store::ResumeStore>,
     /// Facts about the end of the connection for `session.detached`.
     close: Option<serde_json::Value>,
+    /// The connection's CDP session, parked in the session when the connection dropped.
+    parked: Option<u64>,
 }
 
 impl AgentGuard {
@@ -126,14 +129,26 @@ impl AgentGuard {
     pub fn set_close(&mut self, close: serde_json::Value) {
         self.close = Some(close);
     }
+
+    /// Names the link this connection parked: it is kept only if this was the session's last
+    /// connection (a resumption happens only once the session is detached).
+    pub fn set_parked(&mut self, link: u64) {
+        self.parked = Some(link);
+    }
 }
 
 impl Drop for AgentGuard {
     fn drop(&mut self) {
         let s = &self.session;
         s.touch();
+        // Counting down and becoming detached are one step for admissions (`Session::admit`).
+        let _admissions = s.admissions.lock().unwrap_or_else(|p| p.into_inner());
         let left = s.agents.fetch_sub(1, Ordering::SeqCst) - 1;
         if left > 0 || s.state() != State::Active {
+            // Others stay connected: nothing would ever take this connection's park up.
+            if let Some(id) = self.parked {
+                drop(s.unpark(Some(id)));
+            }
             return;
         }
         // A connection that ended because the browser died is not a detach: the session is
@@ -154,6 +169,12 @@ impl Drop for AgentGuard {
             .store(s.governance.load(Ordering::SeqCst), Ordering::SeqCst);
         s.state.send_replace(State::Detached);
         let deadline = now + m.resume.window;
+        let facts = serde_json::json!({"interrupted_at": rfc3339(now), "parked": s.parked_count()});
+        if let Err(e) = self.store.record(&s.id, store::Op::Detached, &facts) {
+            // The session is detached either way; a resumption records through the same store
+            // and is refused while it fails.
+            tracing::error!(session = %s.id, error = %e, "registry store: could not record the detach");
+        }
         self.audit.record_detached(
             "session.detached",
             Some(&s.id),
@@ -232,6 +253,8 @@ pub struct Session {
     last_activity: AtomicU64,
     /// Agent websocket connections open now.
     agents: AtomicUsize,
+    /// Serializes admissions with the last connection's departure.
+    admissions: Mutex<()>,
     /// When the last connection dropped, while detached.
     detached_at: Mutex<Option<(OffsetDateTime, Instant)>>,
     /// Bumped by every change of the mandate in force.
@@ -439,6 +462,10 @@ impl Session {
     /// Keeps a dropped connection's CDP session for a resumption. The oldest is dropped (and
     /// detached) beyond `max_agent_connections`.
     pub fn park(&self, link: ParkedLink) {
+        if self.ending.is_cancelled() || !self.is_running() {
+            // Too late: the session's end already dropped the parked links.
+            return;
+        }
         let max = self.mandate().resume.max_connections;
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         parked.push(link);
@@ -479,10 +506,21 @@ impl Session {
         self.started.elapsed().saturating_sub(last)
     }
 
-    /// Counts an agent connection until the returned guard is dropped, if the mandate's
-    /// `max_agent_connections` leaves room. When the last one closes, the session ends
-    /// (`revoke_on_disconnect`) or becomes detached.
-    pub fn admit(self: &Arc<Self>, audit: &crate::audit::Audit) -> Option<AgentGuard> {
+    /// Counts an agent connection until the returned guard is dropped, if the session is in
+    /// state `expect` and the mandate's `max_agent_connections` leaves room. When the last one
+    /// closes, the session ends (`revoke_on_disconnect`) or becomes detached.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        audit: &crate::audit::Audit,
+        store: &Arc<dyn store::ResumeStore>,
+        expect: State,
+    ) -> Option<AgentGuard> {
+        let _admissions = self.admissions.lock().unwrap_or_else(|p| p.into_inner());
+        // A fresh connection needs an active session, a resumption a detached one: checked
+        // under the same lock the last connection's departure takes.
+        if self.state() != expect {
+            return None;
+        }
         let max = self.mandate().resume.max_connections;
         self.agents
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -493,7 +531,9 @@ impl Session {
         Some(AgentGuard {
             session: self.clone(),
             audit: audit.clone(),
+            store: store.clone(),
             close: None,
+            parked: None,
         })
     }
 
@@ -707,6 +747,7 @@ pub(crate) fn new_session(
         started: Instant::now(),
         last_activity: AtomicU64::new(0),
         agents: AtomicUsize::new(0),
+        admissions: Mutex::new(()),
         detached_at: Mutex::new(None),
         governance: AtomicU64::new(0),
         gov_at_detach: AtomicU64::new(0),

@@ -78,7 +78,7 @@ pub struct Registry {
     /// Signs resume tickets; names this supervisor instance.
     pub(super) tickets: super::ticket::TicketKey,
     /// The durable record of resumption state.
-    pub(super) store: Box<dyn super::store::ResumeStore>,
+    pub(super) store: Arc<dyn super::store::ResumeStore>,
 }
 
 #[derive(Default)]
@@ -110,11 +110,17 @@ impl Registry {
             keys: super::identity::AgentKeys::default(),
             tickets: super::ticket::TicketKey::random(),
             store: match &cfg.registry.journal {
-                Some(path) => Box::new(super::store::JournalStore::new(path.clone())),
-                None => Box::new(super::store::MemoryStore),
+                Some(path) => Arc::new(super::store::JournalStore::new(path.clone())),
+                None => Arc::new(super::store::MemoryStore),
             },
             cfg,
         }
+    }
+
+    /// Admits a new agent connection to an active session, if `max_agent_connections` leaves
+    /// room (a detached session is admitted only through [`Registry::resume`]).
+    pub fn admit(&self, s: &Arc<Session>) -> Option<super::AgentGuard> {
+        s.admit(&self.audit, &self.store, State::Active)
     }
 
     /// This supervisor instance's id (random per process; resume tickets are bound to it).

@@ -163,11 +163,11 @@ impl Registry {
                 self.identity_fp(s, &p, true)
             }
         };
-        let (seq, non) = s
-            .tickets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .issue(unix(now), via);
+        let (seq, non) =
+            s.tickets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .issue(unix(now), via, link);
         let claims = Claims {
             sid: s.id.clone(),
             idf,
@@ -509,7 +509,7 @@ impl Registry {
                 g,
             ));
         }
-        let Some(guard) = s.admit(&self.audit) else {
+        let Some(guard) = s.admit(&self.audit, &self.store, State::Detached) else {
             return Err((
                 ResumeRefused::new(
                     409,
@@ -519,9 +519,12 @@ impl Registry {
                 Value::Null,
             ));
         };
-        let parked = match mode {
-            ResumeMode::Continue => s.unpark(link),
-            ResumeMode::Reattach => s.unpark(None),
+        // The ticket's own connection's park; the newest only for an operator's ticket,
+        // which names no connection (another connection's replay book is not this agent's).
+        let parked = match (mode, link) {
+            (_, Some(id)) => s.unpark(Some(id)),
+            (ResumeMode::Reattach, None) => s.unpark(None),
+            (ResumeMode::Continue, None) => None,
         };
         let reconciliation = parked.as_ref().map(ParkedLink::summary);
         let now = OffsetDateTime::now_utc();
@@ -571,7 +574,8 @@ impl Registry {
                     503,
                     "registry_unavailable",
                     format!(
-                        "chaperone: the resumption could not be recorded ({e}); try again later"
+                        "chaperone: the resumption could not be recorded ({e}); its ticket is used up: once the registry works again, an operator can issue a new one (POST /v1/sessions/{}/resume-ticket)",
+                        s.id
                     ),
                 ),
                 Value::Null,

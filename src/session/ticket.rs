@@ -168,6 +168,8 @@ struct Outstanding {
     nonce: String,
     iat: i64,
     via: &'static str,
+    /// The agent connection it was issued to.
+    link: Option<u64>,
 }
 
 /// What the book knew of a consumed ticket.
@@ -191,10 +193,15 @@ pub struct TicketBook {
 }
 
 impl TicketBook {
-    /// Registers a new ticket and returns its sequence number and nonce.
-    pub fn issue(&mut self, iat: i64, via: &'static str) -> (u64, String) {
+    /// Registers a new ticket for agent connection `link` (`None`: an operator's) and returns
+    /// its sequence number and nonce. The connection's older tickets stop working: an agent
+    /// holds one good ticket at a time, so a copy of an older one (say, from a log) is dead.
+    pub fn issue(&mut self, iat: i64, via: &'static str, link: Option<u64>) -> (u64, String) {
         self.next_seq += 1;
         let nonce = super::random_hex(16);
+        if link.is_some() {
+            self.outstanding.retain(|t| t.link != link);
+        }
         if self.outstanding.len() == MAX_OUTSTANDING {
             self.outstanding.pop_front();
         }
@@ -203,6 +210,7 @@ impl TicketBook {
             nonce: nonce.clone(),
             iat,
             via,
+            link,
         });
         (self.next_seq, nonce)
     }
@@ -254,7 +262,7 @@ mod tests {
     use super::*;
 
     fn claims(book: &mut TicketBook, key: &TicketKey) -> Claims {
-        let (seq, non) = book.issue(100, "cdp");
+        let (seq, non) = book.issue(100, "control", None);
         Claims {
             sid: "s1".into(),
             idf: "none".into(),
@@ -355,6 +363,27 @@ mod tests {
             ..new.clone()
         };
         assert_eq!(book.check(&never), Err(Refusal::Tampered));
+    }
+
+    #[test]
+    fn a_connections_new_ticket_retires_its_older_one() {
+        let key = TicketKey::random();
+        let mut book = TicketBook::default();
+        let for_link = |book: &mut TicketBook, link| {
+            let (seq, non) = book.issue(100, "cdp", Some(link));
+            Claims {
+                lnk: Some(link),
+                seq,
+                non,
+                ..claims(&mut TicketBook::default(), &key)
+            }
+        };
+        let old = for_link(&mut book, 7);
+        let other = for_link(&mut book, 8);
+        let new = for_link(&mut book, 7);
+        assert_eq!(book.check(&old), Err(Refusal::Superseded));
+        assert!(book.check(&other).is_ok());
+        assert!(book.check(&new).is_ok());
     }
 
     #[test]
