@@ -697,7 +697,7 @@ async fn agent_connection(
     let mut close_info = json!({"by": "client"});
     // A network that drops silently (no FIN, no RST) shows only as silence: pings make every
     // live client answer, so three intervals without a frame mean the connection is gone.
-    let mut ping = tokio::time::interval(ping_every);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = std::time::Instant::now();
     loop {
