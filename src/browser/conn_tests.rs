@@ -1026,7 +1026,17 @@ async fn a_reattached_conversation_runs_its_own_session_setup_again() {
     let (d, _) = attach(&conn, &mut fake, "d", "REAL-ROOT-D").await;
     parked.drain_into(&d);
     answer(&mut fake, &old, json!({})).await;
-    let again = forwarded(&mut fake, &d, setup).await;
+    assert_eq!(d.from_agent(setup), None);
+    // The drained link's detach (its last command is settled) and the new command, in
+    // whichever order the router got to them.
+    let (first, second) = (fake.recv().await, fake.recv().await);
+    let (detach, again) = if first["method"] == "Target.detachFromTarget" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(detach["params"]["sessionId"], "REAL-ROOT-C", "{detach}");
+    assert_eq!(again["method"], "Target.setAutoAttach", "{again}");
     assert_eq!(again["sessionId"], "REAL-ROOT-D");
 }
 
