@@ -1316,9 +1316,31 @@ impl Shared {
                 }
                 Replay::Join(pipe_id) => {
                     tracing::info!(agent = %agent.label, id, method = %method, "joining a command still running since the connection was parked");
-                    if let Some(Pending::Agent { agent: to, .. }) = router.pending.get_mut(&pipe_id)
-                    {
-                        *to = agent_id;
+                    // Only the very request the book tracks: a pipe id can be reused once its
+                    // request is settled, and then it names someone else's request.
+                    match router.pending.get_mut(&pipe_id) {
+                        Some(Pending::Agent {
+                            agent: to,
+                            id: pending_id,
+                            digest: pending_digest,
+                            ..
+                        }) if *pending_id == id && *pending_digest == digest => {
+                            *to = agent_id;
+                        }
+                        _ => {
+                            let message = format!(
+                                "chaperone: {method} was running when the connection dropped and \
+                                 its answer can no longer be followed, so it is not run again"
+                            );
+                            let answer = error_answer(
+                                Some(id),
+                                request.session.as_deref(),
+                                -32000,
+                                &message,
+                                None,
+                            );
+                            agent.push(answer, Some(Answers::Local));
+                        }
                     }
                     return FrameOutcome::default();
                 }
