@@ -194,9 +194,7 @@ async fn resume_ticket(State(ctl): State<Ctl>, Path(id): Path<String>) -> Respon
     }
     match ctl.reg.issue_ticket(&s, None, None, "control").await {
         Ok(t) => {
-            let q: String = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("ticket", &t.ticket)
-                .finish();
+            let q = t.query();
             let urls = ctl.reg.urls();
             (
                 StatusCode::CREATED,

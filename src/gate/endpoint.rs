@@ -556,28 +556,9 @@ async fn upgrade_agent(
             Err(r) => return *refused(r),
         }
     } else {
-        match ep.reg.admit(&s) {
-            Some(g) => (g, LinkSource::Fresh),
-            None => {
-                let max = s.mandate().resume.max_connections;
-                ep.reg.audit().record_detached(
-                    "agent.refused",
-                    Some(&s.id),
-                    json!({
-                        "agent": s.mandate().source.agent,
-                        "reason": "connection_limit",
-                        "path": path,
-                        "peer": a.peer,
-                        "max_agent_connections": max,
-                    }),
-                );
-                return text(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "chaperone: the session already has {max} live agent connection(s) (mandate.max_agent_connections = {max})\n"
-                    ),
-                );
-            }
+        match ep.reg.admit(&s, path, a.peer.as_deref()).await {
+            Ok(g) => (g, LinkSource::Fresh),
+            Err(r) => return *refused(r),
         }
     };
     // tungstenite may buffer a little more than our own limit so that an oversized message
@@ -847,9 +828,7 @@ async fn local_call(
                 .issue_ticket(session, Some(proven), Some(link.id().get()), "cdp")
                 .await
                 .map_err(|e| format!("chaperone: cannot issue a resume ticket: {e}"))?;
-            let q: String = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("ticket", &t.ticket)
-                .finish();
+            let q = t.query();
             let urls = reg.urls();
             let cdp = urls.cdp_url(&session.capability);
             let m = session.mandate();

@@ -117,12 +117,6 @@ impl Registry {
         }
     }
 
-    /// Admits a new agent connection to an active session, if `max_agent_connections` leaves
-    /// room (a detached session is admitted only through [`Registry::resume`]).
-    pub fn admit(&self, s: &Arc<Session>) -> Option<super::AgentGuard> {
-        s.admit(&self.audit, &self.store, State::Active)
-    }
-
     /// This supervisor instance's id (random per process; resume tickets are bound to it).
     pub fn instance(&self) -> &str {
         self.tickets.instance()

@@ -82,6 +82,15 @@ pub struct IssuedTicket {
     pub valid_after_disconnect: Duration,
 }
 
+impl IssuedTicket {
+    /// The query string that presents it: `ticket=…`, for the agent URLs handed out with it.
+    pub fn query(&self) -> String {
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("ticket", &self.ticket)
+            .finish()
+    }
+}
+
 fn unix(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
@@ -114,27 +123,66 @@ impl Registry {
             Ok(p) => return Ok(p),
             Err(e) => e,
         };
-        // Durable before the refusal is answered: nothing an attacker tries goes unrecorded.
+        let r = ResumeRefused::new(403, e.code(), format!("chaperone: {e}"));
+        self.record_agent_refused(s, &r, path, peer).await;
+        s.refused("agent.refused");
+        Err(r)
+    }
+
+    /// Admits a new agent connection to an active session, if `max_agent_connections` leaves
+    /// room (a detached session is admitted only through [`Registry::resume`]). A refusal is
+    /// audited (`agent.refused`, `connection_limit`) but not counted as an anomaly: a second
+    /// client of the same agent is no attack.
+    pub async fn admit(
+        &self,
+        s: &Arc<Session>,
+        path: &str,
+        peer: Option<&str>,
+    ) -> Result<AgentGuard, ResumeRefused> {
+        if let Some(g) = s.admit(&self.audit, &self.store, State::Active) {
+            return Ok(g);
+        }
+        let max = s.mandate().resume.max_connections;
+        let r = ResumeRefused::new(
+            409,
+            "connection_limit",
+            format!(
+                "chaperone: the session already has {max} live agent connection(s) (mandate.max_agent_connections = {max})"
+            ),
+        );
+        self.record_agent_refused(s, &r, path, peer).await;
+        Err(r)
+    }
+
+    /// `agent.refused`, durable before the refusal is answered: nothing an attacker tries
+    /// goes unrecorded.
+    async fn record_agent_refused(
+        &self,
+        s: &Session,
+        r: &ResumeRefused,
+        path: &str,
+        peer: Option<&str>,
+    ) {
+        let m = s.mandate();
         let recorded = self
             .audit
             .record(
                 "agent.refused",
                 Some(&s.id),
                 json!({
-                    "agent": s.mandate().source.agent,
-                    "reason": e.code(),
-                    "message": e.to_string(),
+                    "agent": m.source.agent,
+                    "reason": r.reason,
+                    "message": r.message,
                     "path": path,
                     "peer": peer,
                     "state": s.state().name(),
+                    "max_agent_connections": m.resume.max_connections,
                 }),
             )
             .await;
         if let Err(err) = recorded {
             tracing::error!(error = %err, "could not record agent.refused");
         }
-        s.refused("agent.refused");
-        Err(ResumeRefused::new(403, e.code(), format!("chaperone: {e}")))
     }
 
     /// Issues a resume ticket for `s`: to the agent connection `link` that proved `proven`
