@@ -296,6 +296,7 @@ fn decide_bench(s: &Settings) -> anyhow::Result<Vec<Micro>> {
         document: false,
         main_frame: true,
         same_site: Some(true),
+        approved: false,
     };
     let request = |url, headers, body| Request {
         url,

@@ -83,6 +83,17 @@ enum Command {
         #[command(subcommand)]
         op: KeyOp,
     },
+    /// Decide requests held for a human's approval (an `approve` action rule matched them).
+    Approvals {
+        /// Control API: unix:PATH or ADDR:PORT (default: the default config's).
+        #[arg(long, global = true)]
+        control: Option<ControlAddr>,
+        /// File with the operator token (TCP control API).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        op: ApprovalOp,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -136,6 +147,32 @@ enum SessionOp {
     Ticket {
         /// Session id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalOp {
+    /// List pending requests (session, agent, method, URL, matched rule, body summary).
+    List {
+        /// Only this session's.
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Approve one: the request is sent, once, with any `on_approval` credential.
+    Approve {
+        /// Approval id (`apr_…`).
+        id: String,
+        /// Who approves (recorded in the audit log); default: $USER.
+        #[arg(long, env = "USER")]
+        by: String,
+    },
+    /// Deny one: the request fails as blocked by client.
+    Deny {
+        /// Approval id (`apr_…`).
+        id: String,
+        /// Who denies (recorded in the audit log); default: $USER.
+        #[arg(long, env = "USER")]
+        by: String,
     },
 }
 
@@ -247,6 +284,35 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 ),
                 KeyOp::List => ("GET", "/v1/agent-keys".to_string(), None),
                 KeyOp::Revoke { id } => ("DELETE", format!("/v1/agent-keys/{id}"), None),
+            };
+            control_call(control, token_file, req).await
+        }
+        Command::Approvals {
+            control,
+            token_file,
+            op,
+        } => {
+            let decide = |id: String, decision: &str, by: String| {
+                (
+                    "POST",
+                    format!("/v1/approvals/{id}"),
+                    Some(serde_json::json!({ "decision": decision, "by": by }).to_string()),
+                )
+            };
+            let req = match op {
+                ApprovalOp::List { session: None } => ("GET", "/v1/approvals".to_string(), None),
+                ApprovalOp::List { session: Some(s) } => (
+                    "GET",
+                    format!(
+                        "/v1/approvals?{}",
+                        url::form_urlencoded::Serializer::new(String::new())
+                            .append_pair("session", &s)
+                            .finish()
+                    ),
+                    None,
+                ),
+                ApprovalOp::Approve { id, by } => decide(id, "approve", by),
+                ApprovalOp::Deny { id, by } => decide(id, "deny", by),
             };
             control_call(control, token_file, req).await
         }

@@ -85,6 +85,9 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Where the registry records resumption state.
     pub registry: RegistryConfig,
+    /// Told of every request held for a human's approval: a JSON `POST` (`http://` or
+    /// `https://`; `[upstream]`'s CA file and timeout apply). Default: none.
+    pub approval_webhook: Option<String>,
 }
 
 /// `[registry]`: the durable record of resume tickets, detaches and resumptions.
@@ -272,6 +275,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             upstream: UpstreamConfig::default(),
             registry: RegistryConfig::default(),
+            approval_webhook: None,
         }
     }
 }
@@ -376,7 +380,29 @@ impl Config {
         if let Some(tls) = &self.tls {
             tls.check()?;
         }
+        if let Some(w) = &self.approval_webhook {
+            self.webhook_url()
+                .map_err(|e| format!("approval_webhook: `{w}`: {e}"))?;
+        }
         Ok(())
+    }
+
+    /// `approval_webhook`, parsed: an `http` or `https` URL without credentials in it.
+    pub fn webhook_url(&self) -> Result<Option<url::Url>, String> {
+        let Some(w) = &self.approval_webhook else {
+            return Ok(None);
+        };
+        let u = url::Url::parse(w).map_err(|e| e.to_string())?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err("must be an http:// or https:// URL".into());
+        }
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(
+                "must not carry a user name or password; the webhook is sent without credentials"
+                    .into(),
+            );
+        }
+        Ok(Some(u))
     }
 
     /// The host name agents use in URLs.

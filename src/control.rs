@@ -5,8 +5,10 @@
 //! (change the live mandate, see [`crate::session::patch`]); `DELETE /v1/sessions/{id}`
 //! (revoke, answers once purged); `POST /v1/sessions/{id}/resume-ticket` (a resume ticket for
 //! a dropped agent); `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys;
-//! revoking one ends its sessions); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's
-//! audit records); `GET /healthz`; `GET /metrics`. Errors are
+//! revoking one ends its sessions); `GET /v1/approvals[?session=ID]` (requests held for a
+//! human), `POST /v1/approvals/{id}` `{"decision": "approve"|"deny", "by": NAME}` (decide
+//! one); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's audit records);
+//! `GET /healthz`; `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
 
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
         .route("/v1/sessions/{id}/resume-ticket", post(resume_ticket))
         .route("/v1/agent-keys", get(list_keys).post(issue_key))
         .route("/v1/agent-keys/{id}", axum::routing::delete(revoke_key))
+        .route("/v1/approvals", get(list_approvals))
+        .route("/v1/approvals/{id}", post(decide_approval))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -215,6 +219,115 @@ async fn resume_ticket(State(ctl): State<Ctl>, Path(id): Path<String>) -> Respon
             format!("resume ticket: {e}"),
         ),
     }
+}
+
+/// `GET /v1/approvals[?session=ID]`: `{"approvals": [...]}`, the requests held for a human
+/// now, oldest first.
+async fn list_approvals(State(ctl): State<Ctl>, RawQuery(q): RawQuery) -> Response {
+    let mut session = None;
+    for (k, v) in url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "session" => session = Some(v.into_owned()),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{other}: unknown query parameter; only `session` filters approvals"),
+                )
+            }
+        }
+    }
+    let list = ctl.reg.approvals().list(session.as_deref());
+    Json(json!({ "approvals": list })).into_response()
+}
+
+/// `POST /v1/approvals/{id}` `{"decision": "approve" | "deny", "by": "<name>"}`: decides a held
+/// request. The decision is recorded (`action.approved` / `action.denied`, durable) before the
+/// request is released or failed; if it cannot be recorded the request stays held (503).
+async fn decide_approval(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Decision {
+        decision: String,
+        by: String,
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let d: Decision = match serde_path_to_error::deserialize(de) {
+        Ok(d) => d,
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{field}: {}; send {{\"decision\": \"approve\" | \"deny\", \"by\": \"<name>\"}}",
+                    e.into_inner()
+                ),
+            );
+        }
+    };
+    let by = d.by.trim().to_string();
+    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "by: must name who decides: 1 to 128 characters, no control characters",
+        );
+    }
+    let verdict = match d.decision.as_str() {
+        "approve" => crate::approvals::Verdict::Approved { by: by.clone() },
+        "deny" => crate::approvals::Verdict::Denied { by: by.clone() },
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("decision: `{other}` is neither \"approve\" nor \"deny\""),
+            )
+        }
+    };
+    let approvals = ctl.reg.approvals();
+    let taken = match approvals.take(&id) {
+        Ok(t) => t,
+        Err(e @ crate::approvals::NotPending::Unknown(_)) => {
+            return error(StatusCode::NOT_FOUND, e)
+        }
+        Err(e) => return error(StatusCode::CONFLICT, e),
+    };
+    let view = taken.view().clone();
+    let event = match verdict {
+        crate::approvals::Verdict::Approved { .. } => "action.approved",
+        crate::approvals::Verdict::Denied { .. } => "action.denied",
+    };
+    let recorded = ctl
+        .reg
+        .audit()
+        .record(
+            event,
+            Some(&view.session),
+            json!({"approval": view.id, "by": by, "decided_by": "human", "method": view.method, "url": view.url,
+                   "rule": view.rule}),
+        )
+        .await;
+    if let Err(e) = recorded {
+        approvals.put_back(taken);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("audit log: {e}; the decision was not applied and the request is still held"),
+        );
+    }
+    let delivered = approvals.settle(taken, verdict);
+    if !delivered {
+        return error(
+            StatusCode::CONFLICT,
+            format!("approval `{id}`: its session ended before the decision arrived"),
+        );
+    }
+    Json(json!({"approval": view, "decision": d.decision, "by": by})).into_response()
 }
 
 /// `POST /v1/agent-keys` `{"label": "…"}`: 201 with `id`, `label`, `created_at` and `key`, the

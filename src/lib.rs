@@ -5,6 +5,8 @@
 //! [`audit`]. The kernel isolation lives in the separate `chaperone-sandbox` crate, the only one
 //! allowed `unsafe`.
 
+pub mod actions;
+pub mod approvals;
 pub mod audit;
 pub mod broker;
 pub mod browser;

@@ -99,6 +99,15 @@ pub struct Mandate {
     /// always failed; `revoke` (default) also ends the session.
     #[serde(default)]
     pub on_leak: OnLeak,
+    /// Action rules, checked on every request after the credential decisions: the first
+    /// that matches allows, denies, or holds the request for a human's approval (see
+    /// [`crate::actions`]). No match allows. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<crate::actions::ActionRule>,
+    /// How long a request held for approval waits for a human before it is denied. Default
+    /// 120, from 1 to 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout_secs: Option<u64>,
 }
 
 /// See [`Mandate::identity`]. When both parts are given, both must match.
@@ -225,6 +234,11 @@ pub struct Credential {
     /// held credential when the session ends, before its values are forgotten.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke: Option<Revoke>,
+    /// Just in time: the credential rides only on a request a human approved (an `approve`
+    /// action rule), and only on that one request; every other request to its site goes
+    /// without it. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_approval: bool,
 }
 
 /// See [`Credential::oauth`]. The access token is refreshed before it is `max_token_age_secs`
@@ -381,6 +395,10 @@ pub struct ValidMandate {
     pub idle_timeout: Option<std::time::Duration>,
     /// Connection and resumption rules.
     pub resume: ResumePolicy,
+    /// The action rules, checked.
+    pub actions: std::sync::Arc<crate::actions::ActionPolicy>,
+    /// How long a request held for approval waits for a human.
+    pub approval_timeout: std::time::Duration,
 }
 
 /// Why a valid mandate cannot start a session right now.
@@ -666,6 +684,7 @@ impl Mandate {
             validate_credentials(&self.credentials)?;
         }
         let resume = validate_resume(&self)?;
+        let (actions, approval_timeout) = validate_actions(&self)?;
         let mut this = self;
         if let Some(id) = &mut this.identity {
             validate_identity(id)?;
@@ -683,6 +702,8 @@ impl Mandate {
             window,
             idle_timeout,
             resume,
+            actions: std::sync::Arc::new(actions),
+            approval_timeout,
             source: this,
         })
     }
@@ -738,6 +759,34 @@ const RESERVED_HEADERS: &[&str] = &[
     "proxy-authorization",
     "proxy-connection",
 ];
+
+fn validate_actions(
+    m: &Mandate,
+) -> Result<(crate::actions::ActionPolicy, std::time::Duration), MandateError> {
+    use crate::actions::{DEFAULT_APPROVAL_TIMEOUT_SECS, MAX_APPROVAL_TIMEOUT_SECS};
+    let policy = crate::actions::ActionPolicy::compile(&m.actions)
+        .map_err(|e| MandateError::new(e.field, e.message))?;
+    let timeout = match m.approval_timeout_secs {
+        None => DEFAULT_APPROVAL_TIMEOUT_SECS,
+        Some(s) if (1..=MAX_APPROVAL_TIMEOUT_SECS).contains(&s) => s,
+        Some(s) => {
+            return Err(MandateError::new(
+                "approval_timeout_secs",
+                format!("{s} is outside 1 to {MAX_APPROVAL_TIMEOUT_SECS} seconds"),
+            ))
+        }
+    };
+    if let Some(i) = m.credentials.iter().position(|c| c.on_approval) {
+        if !policy.asks_humans() {
+            return Err(MandateError::new(
+                format!("credentials[{i}].on_approval"),
+                "the credential rides only on approved requests, but no `actions` rule has \
+                 `decision = \"approve\"`: it would never be used",
+            ));
+        }
+    }
+    Ok((policy, std::time::Duration::from_secs(timeout)))
+}
 
 fn validate_resume(m: &Mandate) -> Result<ResumePolicy, MandateError> {
     let in_range = |field: &str, v: Option<u64>, default: u64, lo: u64, hi: u64| match v {

@@ -54,6 +54,14 @@ pub struct Metrics {
     pub egress_traffic: EgressTrafficSeries,
     /// Resumption attempts of detached sessions, by outcome (`resumed` or the refusal reason).
     pub resume_attempts: Family<OutcomeLabel, Counter>,
+    /// Requests held for a human's approval now.
+    pub approvals_pending: Gauge,
+    /// Requests held for a human's approval, by outcome (`approved`, `denied`, `expired`,
+    /// `cancelled`).
+    pub approvals: Family<OutcomeLabel, Counter>,
+    /// Action rule decisions recorded in the audit log, by event without its `action.` prefix
+    /// (`denied`, `sent`, …).
+    pub action_events: Family<EventLabel, Counter>,
 }
 
 /// Label for how a resumption attempt ended.
@@ -180,6 +188,9 @@ impl Default for Metrics {
             credential_events: Family::default(),
             egress_traffic: EgressTrafficSeries::default(),
             resume_attempts: Family::default(),
+            approvals_pending: Gauge::default(),
+            approvals: Family::default(),
+            action_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -231,6 +242,21 @@ impl Default for Metrics {
             "resume_attempts",
             "Resumption attempts of detached sessions, by outcome",
             m.resume_attempts.clone(),
+        );
+        registry.register(
+            "approvals_pending",
+            "Requests held for a human's approval now",
+            m.approvals_pending.clone(),
+        );
+        registry.register(
+            "approvals",
+            "Requests held for a human's approval, by outcome",
+            m.approvals.clone(),
+        );
+        registry.register(
+            "action_events",
+            "Action rule decisions recorded in the audit log, by kind",
+            m.action_events.clone(),
         );
         registry.register_collector(Box::new(m.egress_traffic.clone()));
         Metrics { registry, ..m }

@@ -34,6 +34,9 @@ pub struct Context {
     /// request is same-site with the top-level page, the rule SameSite cookies follow. `None`
     /// when the broker could not correlate the request with that event.
     pub same_site: Option<bool>,
+    /// A human approved this very request (an `approve` action rule): credentials marked
+    /// `on_approval` may ride on it.
+    pub approved: bool,
 }
 
 /// A request paused at the Fetch Request stage.
@@ -233,7 +236,9 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
     };
 
     let cred = &vault.credentials()[cred_index];
-    if !first_party(req, &cred.site, &cred.initiators) {
+    if !first_party(req, &cred.site, &cred.initiators)
+        || (cred.on_approval && !req.context.approved)
+    {
         return Decision::Continue {
             headers: None,
             injected: None,
@@ -487,6 +492,7 @@ mod tests {
             document: false,
             main_frame: true,
             same_site: Some(true),
+            approved: false,
         }
     }
 
@@ -528,6 +534,52 @@ mod tests {
             .iter()
             .any(|(n, v)| n == "Authorization" && v == &format!("Bearer {TOKEN}")));
         assert!(out.iter().any(|(n, _)| n == "Accept"));
+    }
+
+    #[test]
+    fn an_on_approval_credential_rides_only_on_an_approved_request() {
+        let m = Mandate::from_json(
+            r#"{"agent":"a","ttl_secs":60,"credentials":[
+              {"id":"pay","site":"shop.test","on_approval":true,
+               "headers":{"X-Pay-Token":"PAYTOKEN-55aa77bb"}}]}"#,
+        )
+        .unwrap();
+        let v = Vault::new(&m.credentials, FingerprintKey::random()).unwrap();
+        let u = url("http://shop.test/checkout");
+        let browsing = decide(&req(&u, &[], same_site()), &v, UnlistedCredentials::Strip);
+        assert_eq!(
+            browsing,
+            Decision::Continue {
+                headers: None,
+                injected: None,
+                stripped: Vec::new(),
+                withheld: Some(0),
+            }
+        );
+        let mut ctx = same_site();
+        ctx.approved = true;
+        let Decision::Continue {
+            headers: Some(out),
+            injected: Some(_),
+            ..
+        } = decide(&req(&u, &[], ctx.clone()), &v, UnlistedCredentials::Strip)
+        else {
+            panic!("not injected into the approved request");
+        };
+        assert!(out
+            .iter()
+            .any(|(n, v)| n == "X-Pay-Token" && v == "PAYTOKEN-55aa77bb"));
+        // Approval does not make a cross-site request first-party.
+        ctx.same_site = Some(false);
+        let cross = decide(&req(&u, &[], ctx), &v, UnlistedCredentials::Strip);
+        assert!(matches!(
+            cross,
+            Decision::Continue {
+                injected: None,
+                withheld: Some(0),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -604,6 +656,7 @@ mod tests {
                 document: true,
                 main_frame: true,
                 same_site: Some(true),
+                approved: false,
             },
         );
         r.method = "POST";
@@ -650,6 +703,7 @@ mod tests {
                 document: true,
                 main_frame: true,
                 same_site: None,
+                approved: false,
             },
         );
         assert!(first_party(&r, "bank.test", &[]));
@@ -661,6 +715,7 @@ mod tests {
                 document: true,
                 main_frame: false,
                 same_site: None,
+                approved: false,
             },
         );
         assert!(!first_party(&r, "bank.test", &[]));
@@ -944,7 +999,7 @@ mod tests {
             if plant == 3 { body.extend_from_slice(COOKIE.as_bytes()); }
             let r = Request {
                 url: &u, method: &method, headers: &hs, body: &body,
-                context: Context { document, main_frame: document, same_site: same },
+                context: Context { document, main_frame: document, same_site: same, approved: false },
             };
             let d = decide(&r, &v, UnlistedCredentials::Strip);
             if plant > 0 && foreign {

@@ -9,4 +9,4 @@ pub mod oauth;
 pub mod session;
 pub mod upstream;
 
-pub use session::{Broker, BrokerEvents};
+pub use session::{Asked, Broker, BrokerEvents};

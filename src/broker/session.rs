@@ -14,8 +14,13 @@
 //!   only then resumed, so no request of any page, frame or worker goes out before the broker
 //!   can see its `isSameSite` verdict and its response headers.
 //!
-//! A session without credentials is not intercepted at all: there is nothing to protect, and
-//! the agent's browser then behaves exactly like a bare Chromium.
+//! - **Action rules** (the mandate's `actions`, see [`crate::actions`]) are checked at the
+//!   Request stage after the credential decision: a request is sent, failed, or held paused
+//!   until a human decides ([`BrokerEvents::ask`]). A credential marked `on_approval` rides
+//!   only on the one request a human approved.
+//!
+//! A session without credentials and without action rules is not intercepted at all: there
+//! is nothing to protect, and the agent's browser then behaves exactly like a bare Chromium.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -28,15 +33,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::decide::{decide, header, Context, Decision, Request};
+use super::decide::{decide, first_party, header, Context, Decision, Request};
 use super::oauth;
 use super::upstream::{Revocation, Upstream};
+use crate::actions::{body_fields, ActionDecision, ActionPolicy, Budgets, Reservation, Subject};
+use crate::approvals::Approval;
 use crate::browser::conn::FILES_DIR;
 use crate::browser::BrowserConn;
 use crate::gate::HeldCell;
 use crate::mandate::{Credential, OnLeak, UnlistedCredentials, ValidMandate};
 use crate::vault::jar::site_of;
 use crate::vault::{FingerprintKey, Vault};
+use futures_util::future::BoxFuture;
 
 /// How long the broker waits for the `Network` event that belongs to a paused request or
 /// response before deciding without it (fail closed: no credentials without a verdict).
@@ -48,12 +56,34 @@ const CORRELATION_CAPACITY: usize = 8192;
 /// Host of the request that proves the interception works before the agent gets the session.
 const PROBE_SUFFIX: &str = ".probe.chaperone.invalid";
 
-/// Where the broker's decisions go: audit records, and the session's end on a leak.
+/// Where the broker's decisions go: audit records, the session's end on a leak, and requests
+/// held for a human.
 pub trait BrokerEvents: Send + Sync + 'static {
     /// Writes one audit record for the session.
     fn record(&self, event: &'static str, fields: Value);
     /// A held value was caught leaving and the mandate says `on_leak = "revoke"`.
     fn revoke(&self, reason: &str);
+    /// The session's id and its mandate's `agent` label.
+    fn who(&self) -> (String, String);
+    /// Holds a request for a human (an `approve` rule matched): records
+    /// `action.approval_requested` durably, lists `approval` as pending, and resolves with
+    /// the decision, or [`Asked::Expired`] once `timeout` passed without one.
+    fn ask(&self, approval: Approval, timeout: Duration) -> BoxFuture<'static, Asked>;
+}
+
+/// How a request held for a human ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// Approved by this person: send it, once.
+    Approved(String),
+    /// Denied by this person.
+    Denied(String),
+    /// No decision within the mandate's `approval_timeout_secs`.
+    Expired,
+    /// The session ended while it waited.
+    Cancelled,
+    /// The request could not be recorded, so it was never listed.
+    NotRecorded(String),
 }
 
 /// A running broker. Dropping it does not stop the interception: that ends with the browser.
@@ -85,6 +115,12 @@ struct State {
     upstream: Option<Upstream>,
     /// Cancelled by the purge: the refresh tasks stop.
     stop: CancellationToken,
+    /// The mandate's action rules (fixed for the session's life).
+    actions: Arc<ActionPolicy>,
+    /// Their `max_count` budgets.
+    budgets: Arc<Budgets>,
+    /// How long a request waits for a human.
+    approval_timeout: Duration,
 }
 
 /// What the purge leaves to do: how many credentials were dropped, and the upstream
@@ -187,11 +223,12 @@ fn wanted(method: &str) -> bool {
 }
 
 impl Broker {
-    /// Starts the broker for `mandate` on `conn`, if the mandate holds credentials: enables
+    /// Starts the broker for `mandate` on `conn`, if the mandate holds credentials or action
+    /// rules: enables
     /// browser-level Fetch, auto-attaches every target, and proves the interception works with
     /// a probe request that never leaves the browser. Meanwhile it obtains a first access
     /// token for every `oauth` credential over `upstream`, and then keeps each fresh on its own
-    /// task until the purge. Returns `Ok(None)` for a mandate without credentials, and an
+    /// task until the purge. Returns `Ok(None)` for a mandate without either, and an
     /// error naming the step when interception cannot be confirmed or a first refresh fails
     /// (the session must not start then).
     pub async fn start(
@@ -203,7 +240,7 @@ impl Broker {
         upstream: Option<Upstream>,
         confirm_within: Duration,
     ) -> Result<Option<Broker>, String> {
-        if credentials.is_empty() {
+        if credentials.is_empty() && mandate.actions.is_empty() {
             return Ok(None);
         }
         let sites: Vec<String> = credentials.iter().map(|c| site_of(&c.site)).collect();
@@ -236,6 +273,9 @@ impl Broker {
             probe: Mutex::new(None),
             upstream,
             stop: CancellationToken::new(),
+            budgets: Arc::new(Budgets::new(&mandate.actions)),
+            actions: mandate.actions.clone(),
+            approval_timeout: mandate.approval_timeout,
         });
         tokio::spawn(event_loop(state.clone(), rx));
 
@@ -633,23 +673,30 @@ impl State {
                 .await
         } else {
             match self.request(&p).await {
-                Action::Continue(None) => {
-                    self.conn
-                        .call("Fetch.continueRequest", json!({"requestId": id}), None)
-                        .await
-                }
-                Action::Continue(Some(headers)) => {
-                    let headers: Vec<Value> = headers
-                        .into_iter()
-                        .map(|(name, value)| json!({"name": name, "value": value}))
-                        .collect();
-                    self.conn
-                        .call(
-                            "Fetch.continueRequest",
-                            json!({"requestId": id, "headers": headers}),
-                            None,
-                        )
-                        .await
+                Action::Continue(headers, sent) => {
+                    let params = match headers {
+                        None => json!({"requestId": id}),
+                        Some(headers) => {
+                            let headers: Vec<Value> = headers
+                                .into_iter()
+                                .map(|(name, value)| json!({"name": name, "value": value}))
+                                .collect();
+                            json!({"requestId": id, "headers": headers})
+                        }
+                    };
+                    let outcome = self.conn.call("Fetch.continueRequest", params, None).await;
+                    // Counted only once sent; a request cancelled meanwhile gives its place back.
+                    if let (Ok(_), Some(r)) = (&outcome, sent) {
+                        let rule = r.rule();
+                        let (count, max_count) = r.commit();
+                        if max_count.is_some() {
+                            self.record(
+                                "action.sent",
+                                json!({"rule": rule, "count": count, "max_count": max_count}),
+                            );
+                        }
+                    }
+                    outcome
                 }
                 Action::Fail => {
                     self.conn
@@ -694,10 +741,10 @@ impl State {
             .and_then(Value::as_str)
             .unwrap_or("");
         let Ok(url) = Url::parse(raw_url) else {
-            return Action::Continue(None);
+            return Action::Continue(None, None);
         };
         if !matches!(url.scheme(), "http" | "https") {
-            return Action::Continue(None);
+            return Action::Continue(None, None);
         }
         let host = url.host_str().unwrap_or("").to_string();
         if let Some(nonce) = host.strip_suffix(PROBE_SUFFIX) {
@@ -728,6 +775,7 @@ impl State {
             document: p.get("resourceType").and_then(Value::as_str) == Some("Document"),
             main_frame: lock(&self.corr).pages.contains(frame),
             same_site: None,
+            approved: false,
         };
         if credential_site {
             if p.get("networkId").is_none() {
@@ -750,60 +798,116 @@ impl State {
             return Action::Fail;
         }
 
-        let decision = {
-            let vault = lock(&self.vault);
-            let req = Request {
-                url: &url,
-                method,
-                headers: &headers,
-                body: &body,
-                context,
-            };
-            let d = decide(&req, &vault, lock(&self.rules).0);
-            let quiet = lock(&self.quiet_until).is_some_and(|t| std::time::Instant::now() < t);
-            // During a quiet period an injection becomes a withholding: the request goes as
-            // the browser made it, which for a credential site means without credentials.
-            let (d, why_withheld) = match d {
-                Decision::Continue {
-                    injected: Some(inj),
-                    ..
-                } if quiet => (
-                    Decision::Continue {
-                        headers: None,
-                        injected: None,
-                        stripped: Vec::new(),
-                        withheld: Some(inj.credential),
-                    },
-                    "the session resumed recently (resume_quiet_secs)",
-                ),
-                d => (d, "the request does not come from a first-party context"),
-            };
-            // Names for the audit record, read while the vault is at hand.
-            let name_of = |i: usize| vault.credentials()[i].id.clone();
-            match &d {
-                Decision::Continue {
-                    injected, withheld, ..
-                } => (
-                    d.clone(),
-                    injected.as_ref().map(|i| name_of(i.credential)),
-                    withheld.map(name_of),
-                    why_withheld,
-                ),
-                _ => (d.clone(), None, None, why_withheld),
+        let first = self.decide_now(&url, method, &headers, &body, context.clone());
+        // Rules are checked after the credential decisions: what those refuse stays refused,
+        // without asking anyone.
+        if self.actions.is_empty() || !matches!(first.decision, Decision::Continue { .. }) {
+            return self.act_on(first, &host, &headers, None);
+        }
+        match self.check_actions(&url, method, &headers, &body).await {
+            Gate::Pass(sent) => self.act_on(first, &host, &headers, sent),
+            Gate::Fail => Action::Fail,
+            Gate::Approved(sent) => {
+                // Decided again as the request now stands: the vault may have changed while it
+                // waited, and an `on_approval` credential may ride on this one request.
+                context.approved = true;
+                let second = self.decide_now(&url, method, &headers, &body, context);
+                self.act_on(second, &host, &headers, Some(sent))
             }
+        }
+    }
+
+    /// The credential decision for a request, with the names its audit records need.
+    fn decide_now(
+        &self,
+        url: &Url,
+        method: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+        context: Context,
+    ) -> Decided {
+        let vault = lock(&self.vault);
+        let req = Request {
+            url,
+            method,
+            headers,
+            body,
+            context,
         };
-        match decision {
-            (
+        let d = decide(&req, &vault, lock(&self.rules).0);
+        let quiet = lock(&self.quiet_until).is_some_and(|t| std::time::Instant::now() < t);
+        // During a quiet period an injection becomes a withholding: the request goes as
+        // the browser made it, which for a credential site means without credentials.
+        let (d, why_withheld) = match d {
+            Decision::Continue {
+                injected: Some(inj),
+                ..
+            } if quiet => (
                 Decision::Continue {
-                    headers: new_headers,
-                    injected,
-                    stripped,
-                    ..
+                    headers: None,
+                    injected: None,
+                    stripped: Vec::new(),
+                    withheld: Some(inj.credential),
                 },
-                injected_name,
-                withheld_name,
-                why_withheld,
-            ) => {
+                "the session resumed recently (resume_quiet_secs)",
+            ),
+            Decision::Continue {
+                withheld: Some(i), ..
+            } if vault.credentials()[i].on_approval
+                && first_party(
+                    &req,
+                    &vault.credentials()[i].site,
+                    &vault.credentials()[i].initiators,
+                ) =>
+            {
+                (
+                    d,
+                    "the credential rides only on a request a human approved (on_approval)",
+                )
+            }
+            d => (d, "the request does not come from a first-party context"),
+        };
+        // Names for the audit record, read while the vault is at hand.
+        let name_of = |i: usize| vault.credentials()[i].id.clone();
+        let (injected_name, withheld_name) = match &d {
+            Decision::Continue {
+                injected, withheld, ..
+            } => (
+                injected.as_ref().map(|i| name_of(i.credential)),
+                withheld.map(name_of),
+            ),
+            _ => (None, None),
+        };
+        Decided {
+            decision: d,
+            injected_name,
+            withheld_name,
+            why_withheld,
+        }
+    }
+
+    /// Audits a credential decision and turns it into what the Fetch pause gets. `sent` is
+    /// the action rule's budget place, committed once the request is sent.
+    fn act_on(
+        &self,
+        decided: Decided,
+        host: &str,
+        headers: &[(String, String)],
+        sent: Option<Reservation>,
+    ) -> Action {
+        let Decided {
+            decision,
+            injected_name,
+            withheld_name,
+            why_withheld,
+        } = decided;
+        match decision {
+            Decision::Continue {
+                headers: new_headers,
+                injected,
+                stripped,
+                ..
+            } => {
                 if let (Some(inj), Some(name)) = (&injected, &injected_name) {
                     self.record_once(
                         format!("inj|{name}|{host}|{}", inj.tokens.join(",")),
@@ -812,13 +916,13 @@ impl State {
                     );
                 }
                 if let Some(name) = withheld_name {
-                    let initiator = header(&headers, "origin")
-                        .or_else(|| header(&headers, "referer"))
+                    let initiator = header(headers, "origin")
+                        .or_else(|| header(headers, "referer"))
                         .and_then(|v| Url::parse(v).ok())
                         .and_then(|u| u.host_str().map(site_of))
                         .unwrap_or_default();
                     self.record_once(
-                        format!("wh|{name}|{host}|{initiator}"),
+                        format!("wh|{name}|{host}|{initiator}|{why_withheld}"),
                         "credential.withheld",
                         json!({"credential": name, "host": host, "initiator": initiator,
                                "reason": why_withheld}),
@@ -831,15 +935,12 @@ impl State {
                         json!({"host": host, "headers": stripped}),
                     );
                 }
-                Action::Continue(new_headers)
+                Action::Continue(new_headers, sent)
             }
-            (
-                Decision::ScopeEscalation {
-                    credential,
-                    requested_extra,
-                },
-                ..,
-            ) => {
+            Decision::ScopeEscalation {
+                credential,
+                requested_extra,
+            } => {
                 self.record(
                     "credential.scope_escalation_blocked",
                     json!({"credential": credential, "host": host,
@@ -848,7 +949,7 @@ impl State {
                 );
                 Action::Fail
             }
-            (Decision::Block { headers: names }, ..) => {
+            Decision::Block { headers: names } => {
                 self.record(
                     "credential.blocked",
                     json!({"host": host, "headers": names,
@@ -856,16 +957,13 @@ impl State {
                 );
                 Action::Fail
             }
-            (
-                Decision::Exfiltration {
-                    credential,
-                    location,
-                    encoding,
-                },
-                ..,
-            ) => {
+            Decision::Exfiltration {
+                credential,
+                location,
+                encoding,
+            } => {
                 self.leak(
-                    &host,
+                    host,
                     &credential,
                     &location.name(),
                     &format!("{encoding:?}"),
@@ -874,6 +972,128 @@ impl State {
                 Action::Fail
             }
         }
+    }
+
+    /// The mandate's action rules for a request the credential decision lets through.
+    async fn check_actions(
+        &self,
+        url: &Url,
+        method: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Gate {
+        let content_type = header(headers, "content-type");
+        let subject = Subject {
+            method,
+            url,
+            content_type,
+            body,
+        };
+        let Some(m) = self.actions.first_match(&subject) else {
+            return Gate::Pass(None);
+        };
+        let rule = m.describe();
+        let shown_url = self.shown_text(url.as_str());
+        let denied = |by: &str, reason: String| {
+            self.record(
+                "action.denied",
+                json!({"decided_by": by, "rule": rule, "method": method, "url": shown_url,
+                       "reason": reason}),
+            );
+            Gate::Fail
+        };
+        let spent = |max: Option<u64>| {
+            format!(
+                "the rule's budget is spent: max_count = {} requests over the session's life",
+                max.unwrap_or(0)
+            )
+        };
+        match m.rule.decision {
+            ActionDecision::Deny => denied("rule", "an action rule denies it".into()),
+            ActionDecision::Allow => match self.budgets.reserve(m.index) {
+                Some(r) => Gate::Pass(Some(r)),
+                None => denied("budget", spent(m.rule.max_count)),
+            },
+            ActionDecision::Approve => {
+                // Nobody is asked about a request that could not be sent anyway.
+                if !self.budgets.has_room(m.index) {
+                    return denied("budget", spent(m.rule.max_count));
+                }
+                let (session, agent) = self.events.who();
+                let now = time::OffsetDateTime::now_utc();
+                let approval = Approval {
+                    id: crate::approvals::new_id(),
+                    session,
+                    agent,
+                    method: method.to_string(),
+                    url: shown_url.clone(),
+                    rule: rule.clone(),
+                    body: self.body_summary(content_type, body),
+                    requested_at: crate::session::rfc3339(now),
+                    expires_at: crate::session::rfc3339(now + self.approval_timeout),
+                };
+                let approval = self.scrubbed(approval);
+                match self.events.ask(approval, self.approval_timeout).await {
+                    Asked::Approved(_) => match self.budgets.reserve(m.index) {
+                        Some(r) => Gate::Approved(r),
+                        // Another approved request took the last place meanwhile.
+                        None => denied("budget", spent(m.rule.max_count)),
+                    },
+                    // Recorded where they happened (the decision, the expiry).
+                    Asked::Denied(_) | Asked::Expired | Asked::Cancelled => Gate::Fail,
+                    Asked::NotRecorded(e) => {
+                        tracing::error!(error = %e, "a request for approval could not be audited; it is failed");
+                        Gate::Fail
+                    }
+                }
+            }
+        }
+    }
+
+    /// `text` with every held value cut out.
+    fn shown_text(&self, text: &str) -> String {
+        let vault = lock(&self.vault);
+        vault
+            .detector_for(None)
+            .and_then(|d| d.redact(text))
+            .unwrap_or_else(|| text.to_string())
+    }
+
+    /// What a human deciding on a request sees of its body: form or JSON fields, or the
+    /// start of any other body; held values cut out.
+    fn body_summary(&self, content_type: Option<&str>, body: &[u8]) -> Value {
+        let mut out = json!({"content_type": content_type, "bytes": body.len()});
+        match body_fields(content_type, body, APPROVAL_FIELDS) {
+            Some(fields) => {
+                out["fields"] = fields
+                    .into_iter()
+                    .map(
+                        |(k, v)| json!({"name": self.shown_text(&k), "value": self.shown_text(&v)}),
+                    )
+                    .collect();
+            }
+            None if body.is_empty() => {}
+            None => {
+                let text: String = String::from_utf8_lossy(body).chars().take(256).collect();
+                out["text"] = self.shown_text(&text).into();
+            }
+        }
+        out
+    }
+
+    /// The last word on what an approval may show: if its text still carries a held value
+    /// in any form the detector knows, URL and body are replaced by markers.
+    fn scrubbed(&self, mut a: Approval) -> Approval {
+        let vault = lock(&self.vault);
+        let Some(d) = vault.detector_for(None) else {
+            return a;
+        };
+        let text = serde_json::to_string(&a).unwrap_or_default();
+        if d.find(text.as_bytes()).is_some() {
+            a.url = "[held value]".into();
+            a.body = json!({"redacted": "the body carried a held value"});
+        }
+        a
     }
 
     fn leak(&self, host: &str, credential: &str, location: &str, encoding: &str, on_leak: OnLeak) {
@@ -1272,9 +1492,31 @@ pub fn shown_host(detector: &crate::broker::leak::LeakDetector, host: &str) -> S
 }
 
 enum Action {
-    Continue(Option<Vec<(String, String)>>),
+    /// Send it, with these headers if given; commit the budget place once sent.
+    Continue(Option<Vec<(String, String)>>, Option<Reservation>),
     Fail,
 }
+
+/// What the action rules say about a request.
+enum Gate {
+    /// No rule objects (with the matched rule's budget place, if one matched).
+    Pass(Option<Reservation>),
+    /// A rule denies it, its budget is spent, or a human did not approve it.
+    Fail,
+    /// A human approved it.
+    Approved(Reservation),
+}
+
+/// A credential decision and the names its audit records need.
+struct Decided {
+    decision: Decision,
+    injected_name: Option<String>,
+    withheld_name: Option<String>,
+    why_withheld: &'static str,
+}
+
+/// Most body fields an approval shows.
+const APPROVAL_FIELDS: usize = 32;
 
 /// The body as Fetch shows it: `postDataEntries` hold the exact bytes (`postData` is lossy for
 /// binary bodies). The flag is set when the request has a body Fetch shows nothing of.

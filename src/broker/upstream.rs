@@ -160,6 +160,25 @@ impl Upstream {
             .unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
     }
 
+    /// POSTs `body` as JSON to `url` (a notification: the answer's body is not read beyond
+    /// 64 KiB); returns the HTTP status.
+    pub async fn post_json(&self, url: &Url, body: &Value) -> Result<u16, UpstreamError> {
+        let call = async {
+            let resp = self
+                .client
+                .post(url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(request_error)?;
+            Ok(resp.status().as_u16())
+        };
+        tokio::time::timeout(self.timeout + Duration::from_secs(1), call)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
+    }
+
     /// Sends every revocation at once; returns their outcomes in the same order.
     pub async fn revoke_all(&self, revocations: Vec<Revocation>) -> Vec<Revoked> {
         futures_util::future::join_all(revocations.into_iter().map(|r| self.revoke(r))).await

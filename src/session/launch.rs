@@ -310,6 +310,15 @@ struct SessionBroker {
 
 impl BrokerEvents for SessionBroker {
     fn record(&self, event: &'static str, fields: serde_json::Value) {
+        if let Some(kind) = event.strip_prefix("action.") {
+            self.reg
+                .metrics
+                .action_events
+                .get_or_create(&crate::metrics::EventLabel {
+                    event: kind.to_string(),
+                })
+                .inc();
+        }
         if let Some(kind) = event.strip_prefix("credential.") {
             self.reg
                 .metrics
@@ -327,6 +336,23 @@ impl BrokerEvents for SessionBroker {
         }
     }
 
+    fn who(&self) -> (String, String) {
+        (
+            self.session.id.clone(),
+            self.session.mandate().source.agent.clone(),
+        )
+    }
+
+    fn ask(
+        &self,
+        approval: crate::approvals::Approval,
+        timeout: Duration,
+    ) -> futures_util::future::BoxFuture<'static, crate::broker::Asked> {
+        let reg = self.reg.clone();
+        let session = self.session.clone();
+        Box::pin(ask(reg, session, approval, timeout))
+    }
+
     fn revoke(&self, reason: &str) {
         tracing::warn!(session = %self.session.id, reason, "revoking the session (on_leak = \"revoke\")");
         self.session.request_end_by(
@@ -335,6 +361,74 @@ impl BrokerEvents for SessionBroker {
             json!({ "on_leak": "revoke", "reason": reason }),
         );
     }
+}
+
+/// A request held for a human: recorded durably, listed, then waited for until a decision
+/// comes or its time is up. A decision being recorded at the very moment the time runs out
+/// wins (the control API has taken it off the list): the wait goes on briefly for it.
+async fn ask(
+    reg: Arc<Registry>,
+    session: Arc<Session>,
+    approval: crate::approvals::Approval,
+    timeout: Duration,
+) -> crate::broker::Asked {
+    use crate::approvals::Verdict;
+    use crate::broker::Asked;
+    let id = approval.id.clone();
+    let requested = reg
+        .audit
+        .record(
+            "action.approval_requested",
+            Some(&session.id),
+            json!({
+                "approval": id,
+                "method": approval.method,
+                "url": approval.url,
+                "rule": approval.rule,
+                "body": approval.body,
+                "expires_at": approval.expires_at,
+            }),
+        )
+        .await;
+    if let Err(e) = requested {
+        return Asked::NotRecorded(e.to_string());
+    }
+    reg.metrics.approvals_pending.inc();
+    let mut rx = reg.approvals.submit(approval);
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let asked = loop {
+        match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(Verdict::Approved { by })) => break Asked::Approved(by),
+            Ok(Ok(Verdict::Denied { by })) => break Asked::Denied(by),
+            Ok(Err(_)) => break Asked::Cancelled,
+            Err(_) => {
+                if reg.approvals.expire(&id).is_some() {
+                    reg.audit.record_detached(
+                        "action.expired",
+                        Some(&session.id),
+                        json!({"approval": id, "after_secs": timeout.as_secs(),
+                               "reason": "no decision within approval_timeout_secs"}),
+                    );
+                    break Asked::Expired;
+                }
+                deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            }
+        }
+    };
+    reg.metrics.approvals_pending.dec();
+    reg.metrics
+        .approvals
+        .get_or_create(&crate::metrics::OutcomeLabel {
+            outcome: match &asked {
+                Asked::Approved(_) => "approved",
+                Asked::Denied(_) => "denied",
+                Asked::Expired => "expired",
+                Asked::Cancelled | Asked::NotRecorded(_) => "cancelled",
+            }
+            .to_string(),
+        })
+        .inc();
+    asked
 }
 
 /// Audits what the proxy refuses and counts what it sees.
@@ -443,6 +537,14 @@ async fn end(
     session.ending.cancel();
     // Parked agent sessions go with the browser; dropping them first ends their replay books.
     session.drop_parked();
+    // Requests held for a human die with the browser: nobody can decide them any more.
+    for a in reg.approvals.cancel_session(&session.id) {
+        reg.audit.record_detached(
+            "action.expired",
+            Some(&session.id),
+            json!({"approval": a.id, "reason": "the session ended before a decision"}),
+        );
+    }
     // Held values go first: nothing is injected from here on, whatever the kill takes.
     let broker = session
         .broker

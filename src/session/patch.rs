@@ -17,7 +17,8 @@
 //! host, a wider window, a removed limit, a changed `hosts` entry) is widening. Credentials
 //! cannot be added to a live session: the browser's cookie block for a credential's site is
 //! fixed at launch, so a new site's cookies could land in the browser; start a new session.
-//! `agent`, `not_before` and `identity` cannot change (revoke an agent key instead).
+//! `agent`, `not_before` and `identity` cannot change (revoke an agent key instead), nor can
+//! `actions` and `approval_timeout_secs` (their budgets count over the session's life).
 
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
@@ -135,7 +136,7 @@ pub fn prepare(
     }
     for key in body.keys() {
         match key.as_str() {
-            "agent" | "not_before" | "identity" => {
+            "agent" | "not_before" | "identity" | "actions" | "approval_timeout_secs" => {
                 return Err(invalid(
                     key,
                     "cannot change while the session runs; start a new session",

@@ -79,6 +79,8 @@ pub struct Registry {
     pub(super) tickets: super::ticket::TicketKey,
     /// The durable record of resumption state.
     pub(super) store: Arc<dyn super::store::ResumeStore>,
+    /// Requests held for a human's approval, across sessions.
+    pub(super) approvals: Arc<crate::approvals::Approvals>,
 }
 
 #[derive(Default)]
@@ -97,7 +99,20 @@ impl Registry {
         if let Err(e) = &upstream {
             tracing::error!(error = %e, "no upstream client: sessions with `oauth` or `revoke` credentials will be refused");
         }
+        let webhook = match (cfg.webhook_url(), &upstream) {
+            (Ok(Some(url)), Ok(client)) => Some(crate::approvals::Webhook {
+                url,
+                client: client.clone(),
+            }),
+            (Ok(Some(_)), Err(e)) => {
+                tracing::error!(error = %e, "no upstream client: the approval webhook cannot be called");
+                None
+            }
+            _ => None,
+        };
+        let approvals = Arc::new(crate::approvals::Approvals::new(webhook, audit.clone()));
         Registry {
+            approvals,
             audit,
             metrics,
             fingerprints: crate::vault::FingerprintKey::random(),
@@ -182,6 +197,11 @@ impl Registry {
     /// How agent URLs look.
     pub fn urls(&self) -> &AgentUrls {
         &self.urls
+    }
+
+    /// Requests held for a human's approval.
+    pub fn approvals(&self) -> &Arc<crate::approvals::Approvals> {
+        &self.approvals
     }
 
     /// The audit log.

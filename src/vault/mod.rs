@@ -97,6 +97,8 @@ pub struct HeldCredential {
     pub site: String,
     /// Sites (registrable domains) whose pages may send requests that carry it.
     pub initiators: Vec<String>,
+    /// Rides only on a request a human approved (see [`crate::mandate::Credential::on_approval`]).
+    pub on_approval: bool,
     headers: Vec<(String, Secret)>,
     jar: SiteJar,
     oauth: Option<OAuthHeld>,
@@ -326,6 +328,7 @@ impl Vault {
                 id: c.id.clone(),
                 site,
                 initiators: c.allowed_initiators.iter().map(|s| site_of(s)).collect(),
+                on_approval: c.on_approval,
                 headers,
                 jar,
                 oauth,

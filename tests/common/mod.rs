@@ -4,6 +4,7 @@
 
 pub mod bank;
 pub mod oauth;
+pub mod shop;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,1116 @@
+//! Action-level authorization: the mandate's `actions` rules, checked on every request the
+//! broker sees, after its credential decisions (a session is a poor proxy for intent: one
+//! approval must not cover browsing, filling a cart and paying).
+//!
+//! A rule matches on the method, the host (a pattern of the egress allow list's form) and the
+//! path (a glob where `*` is any run of characters and `?` any one), and optionally on fields
+//! of the request: form and JSON body fields and query parameters. The first rule that matches
+//! decides: `allow`, `deny` or `approve` (held for a human, see [`crate::approvals`]); no
+//! match allows. A rule may carry `max_count`, a budget over the session's life counted in
+//! requests actually sent.
+//!
+//! Matching is written for an agent that tries to slip past a rule:
+//! - the path is matched percent-decoded, with repeated slashes folded (`//check%6Fut` is
+//!   `/checkout`), and the host after the browser's own normalisation (case, trailing dot,
+//!   IDN, IP forms);
+//! - a field condition holds only when it holds for *every* occurrence of the field: query
+//!   and body, repeated form pairs, duplicate JSON keys, each element of an array on the way;
+//! - a condition the request cannot be shown to meet (field absent, not a number, a body that
+//!   is not form or JSON) does not hold, so the rule does not match and the next one decides.
+//!   A rule with conditions therefore wants a catch-all after it, e.g. `approve` orders up to
+//!   100 then `deny` every other order.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use url::Url;
+use wildmatch::WildMatch;
+
+use crate::egress::{Host, HostPattern};
+
+/// Longest `approval_timeout_secs`.
+pub const MAX_APPROVAL_TIMEOUT_SECS: u64 = 3600;
+/// `approval_timeout_secs` when the mandate does not say.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u64 = 120;
+/// Most rules a mandate may hold.
+const MAX_RULES: usize = 256;
+
+/// One rule of a mandate's `actions`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRule {
+    /// What the rule applies to; an empty match applies to every request.
+    #[serde(rename = "match", default)]
+    pub matches: ActionMatch,
+    /// What happens to a request it matches.
+    pub decision: ActionDecision,
+    /// At most this many matching requests are sent over the session's life; the next is
+    /// denied. Not for `deny` rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_count: Option<u64>,
+}
+
+/// See [`ActionRule::matches`]. Every part given must hold.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActionMatch {
+    /// `"POST"` or `["POST", "PUT"]`, any case. Default: every method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Methods>,
+    /// `[http://|https://]host[/path-glob]`, e.g. `shop.test/checkout*` or
+    /// `*.shop.test/api/*/pay`. Default: every URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Conditions on form or JSON body fields and query parameters, by name (`order.total`
+    /// for a nested JSON member).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, FieldCondition>,
+}
+
+/// One method or several.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Methods {
+    /// A single method.
+    One(String),
+    /// Any of these.
+    Many(Vec<String>),
+}
+
+/// A condition on one field; every part given must hold for every occurrence.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldCondition {
+    /// The value is a number no smaller than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// The value is a number no larger than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The value is exactly this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<Scalar>,
+    /// The value is one of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<Scalar>>,
+    /// `true`: the field must be there; `false`: it must not be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// A value a field is compared with.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Scalar {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number (a numeric string in a form matches it too).
+    Number(f64),
+    /// Text, compared exactly.
+    Text(String),
+}
+
+/// What a rule does with a request it matches.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionDecision {
+    /// Send it.
+    Allow,
+    /// Fail it (blocked by client), audited.
+    Deny,
+    /// Hold it until a human approves or denies it, or the approval times out (denied).
+    Approve,
+}
+
+impl ActionDecision {
+    /// `allow`, `deny`, `approve`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActionDecision::Allow => "allow",
+            ActionDecision::Deny => "deny",
+            ActionDecision::Approve => "approve",
+        }
+    }
+}
+
+/// A rule that failed validation: which part (relative to the rule) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleError {
+    /// E.g. `match.url` or `fields.amount.max`.
+    pub field: String,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+fn rule_error(field: impl Into<String>, message: impl Into<String>) -> RuleError {
+    RuleError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The checked rules of one mandate.
+#[derive(Clone, Debug, Default)]
+pub struct ActionPolicy {
+    rules: Vec<Compiled>,
+}
+
+#[derive(Clone, Debug)]
+struct Compiled {
+    source: ActionRule,
+    methods: Option<Vec<String>>,
+    scheme: Option<&'static str>,
+    host: Option<HostPattern>,
+    path: Option<WildMatch>,
+}
+
+/// A request as the rules see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    /// The method as sent.
+    pub method: &'a str,
+    /// The URL.
+    pub url: &'a Url,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<&'a str>,
+    /// The body bytes the broker can see.
+    pub body: &'a [u8],
+}
+
+/// The rule that matched a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Matched<'a> {
+    /// Its position in `actions`.
+    pub index: usize,
+    /// The rule.
+    pub rule: &'a ActionRule,
+}
+
+impl Matched<'_> {
+    /// The rule as audit records and approvals show it.
+    pub fn describe(&self) -> Value {
+        json!({
+            "index": self.index,
+            "decision": self.rule.decision.name(),
+            "match": self.rule.matches,
+            "max_count": self.rule.max_count,
+        })
+    }
+}
+
+impl ActionPolicy {
+    /// Checks `rules`; the error names the rule (`actions[2].match.url`) and what is wrong.
+    pub fn compile(rules: &[ActionRule]) -> Result<ActionPolicy, RuleError> {
+        if rules.len() > MAX_RULES {
+            return Err(rule_error(
+                "actions",
+                format!("holds {} rules; at most {MAX_RULES}", rules.len()),
+            ));
+        }
+        let compiled = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                compile_rule(r)
+                    .map_err(|e| rule_error(format!("actions[{i}].{}", e.field), e.message))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ActionPolicy { rules: compiled })
+    }
+
+    /// Whether there are no rules (every request allowed).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether any rule asks a human.
+    pub fn asks_humans(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.source.decision == ActionDecision::Approve)
+    }
+
+    /// How many rules there are.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The first rule that matches `req`, if any.
+    pub fn first_match(&self, req: &Subject<'_>) -> Option<Matched<'_>> {
+        let mut fields: Option<Fields> = None;
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !rule.matches_head(req) {
+                continue;
+            }
+            if !rule.source.matches.fields.is_empty() {
+                let f = fields.get_or_insert_with(|| Fields::of(req));
+                if !rule
+                    .source
+                    .matches
+                    .fields
+                    .iter()
+                    .all(|(name, cond)| cond.holds(f.get(name)))
+                {
+                    continue;
+                }
+            }
+            return Some(Matched {
+                index,
+                rule: &rule.source,
+            });
+        }
+        None
+    }
+}
+
+fn compile_rule(r: &ActionRule) -> Result<Compiled, RuleError> {
+    if let (Some(n), decision) = (r.max_count, r.decision) {
+        if decision == ActionDecision::Deny {
+            return Err(rule_error(
+                "max_count",
+                "a `deny` rule sends nothing, so it has no budget; leave max_count out",
+            ));
+        }
+        if n == 0 {
+            return Err(rule_error(
+                "max_count",
+                "must be at least 1; use `decision = \"deny\"` to send none",
+            ));
+        }
+    }
+    let methods = match &r.matches.method {
+        None => None,
+        Some(Methods::One(m)) => Some(vec![check_method(m, "match.method")?]),
+        Some(Methods::Many(ms)) if ms.is_empty() => {
+            return Err(rule_error(
+                "match.method",
+                "an empty list matches nothing; leave `method` out to match every method",
+            ))
+        }
+        Some(Methods::Many(ms)) => Some(
+            ms.iter()
+                .enumerate()
+                .map(|(i, m)| check_method(m, &format!("match.method[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let (scheme, host, path) = match &r.matches.url {
+        None => (None, None, None),
+        Some(u) => parse_url_pattern(u).map_err(|m| rule_error("match.url", m))?,
+    };
+    for (name, cond) in &r.matches.fields {
+        let at = |part: &str| format!("match.fields.{name}{part}");
+        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+            return Err(rule_error(
+                at(""),
+                "a field name is 1 to 256 characters without control characters",
+            ));
+        }
+        if *cond == FieldCondition::default() {
+            return Err(rule_error(
+                at(""),
+                "names no condition; give one or more of min, max, equals, one_of, present",
+            ));
+        }
+        for (part, v) in [(".min", cond.min), (".max", cond.max)] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                return Err(rule_error(at(part), "must be a finite number"));
+            }
+        }
+        if let (Some(lo), Some(hi)) = (cond.min, cond.max) {
+            if lo > hi {
+                return Err(rule_error(
+                    at(".min"),
+                    format!("{lo} is above max {hi}: no value could match"),
+                ));
+            }
+        }
+        if cond.one_of.as_ref().is_some_and(Vec::is_empty) {
+            return Err(rule_error(at(".one_of"), "an empty list matches nothing"));
+        }
+        if cond.present == Some(false)
+            && (cond.min.is_some()
+                || cond.max.is_some()
+                || cond.equals.is_some()
+                || cond.one_of.is_some())
+        {
+            return Err(rule_error(
+                at(".present"),
+                "`present = false` says the field is absent; it cannot also have a value condition",
+            ));
+        }
+    }
+    Ok(Compiled {
+        source: r.clone(),
+        methods,
+        scheme,
+        host,
+        path,
+    })
+}
+
+fn check_method(m: &str, field: &str) -> Result<String, RuleError> {
+    // RFC 9110 token characters.
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if m.is_empty() || m.len() > 32 || !m.chars().all(token) {
+        return Err(rule_error(
+            field,
+            format!("`{m}` is not an HTTP method; write e.g. \"POST\""),
+        ));
+    }
+    Ok(m.to_ascii_uppercase())
+}
+
+type UrlPattern = (Option<&'static str>, Option<HostPattern>, Option<WildMatch>);
+
+fn parse_url_pattern(u: &str) -> Result<UrlPattern, String> {
+    let (scheme, rest) = if let Some(r) = u.strip_prefix("https://") {
+        (Some("https"), r)
+    } else if let Some(r) = u.strip_prefix("http://") {
+        (Some("http"), r)
+    } else if u.contains("://") {
+        return Err(format!(
+            "`{u}`: only http:// and https:// are matched; leave the scheme out for both"
+        ));
+    } else {
+        (None, u)
+    };
+    if rest.contains('?') || rest.contains('#') {
+        return Err(format!(
+            "`{u}`: a URL pattern has no query or fragment; match query parameters with `fields`"
+        ));
+    }
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(&rest[i..])),
+        None => (rest, None),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "`{u}`: names no host; write e.g. `shop.test/checkout*` or `*/checkout*`"
+        ));
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!(
+            "`{u}`: ports are not matched; leave `:{}` out",
+            host.rsplit(':').next().unwrap_or("")
+        ));
+    }
+    let host = HostPattern::parse(host).map_err(|e| format!("`{u}`: host: {e}"))?;
+    let path = path.map(|p| WildMatch::new(&normalize_path(p)));
+    Ok((scheme, Some(host), path))
+}
+
+/// The path as a server reads it: percent-decoded (lossily), repeated slashes folded.
+fn normalize_path(p: &str) -> String {
+    let decoded = percent_decode_str(p).decode_utf8_lossy();
+    let mut out = String::with_capacity(decoded.len());
+    let mut last_slash = false;
+    for c in decoded.chars() {
+        if c == '/' && last_slash {
+            continue;
+        }
+        last_slash = c == '/';
+        out.push(c);
+    }
+    out
+}
+
+impl Compiled {
+    fn matches_head(&self, req: &Subject<'_>) -> bool {
+        if let Some(ms) = &self.methods {
+            if !ms.iter().any(|m| m.eq_ignore_ascii_case(req.method)) {
+                return false;
+            }
+        }
+        if self.scheme.is_some_and(|s| s != req.url.scheme()) {
+            return false;
+        }
+        if let Some(h) = &self.host {
+            let host = req.url.host_str().unwrap_or("");
+            match Host::parse(host.trim_start_matches('[').trim_end_matches(']')) {
+                Ok(host) if h.matches(&host) => {}
+                _ => return false,
+            }
+        }
+        if let Some(p) = &self.path {
+            if !p.matches(&normalize_path(req.url.path())) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// One occurrence of a field.
+#[derive(Clone, Debug, PartialEq)]
+enum FieldValue {
+    Text(String),
+    Number(f64),
+    Bool(bool),
+    /// `null`, an object: nothing a condition can hold for.
+    Other,
+}
+
+impl FieldValue {
+    fn number(&self) -> Option<f64> {
+        let n = match self {
+            FieldValue::Number(n) => *n,
+            // Plain decimal text only: `inf`, `NaN` and the like are not amounts.
+            FieldValue::Text(t) => {
+                let t = t.trim();
+                if t.is_empty()
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
+                {
+                    return None;
+                }
+                t.parse::<f64>().ok()?
+            }
+            _ => return None,
+        };
+        n.is_finite().then_some(n)
+    }
+
+    fn equals(&self, s: &Scalar) -> bool {
+        match (s, self) {
+            (Scalar::Text(a), FieldValue::Text(b)) => a == b,
+            (Scalar::Number(a), v) => v.number().is_some_and(|b| b == *a),
+            (Scalar::Bool(a), FieldValue::Bool(b)) => a == b,
+            (Scalar::Bool(a), FieldValue::Text(t)) => t == if *a { "true" } else { "false" },
+            _ => false,
+        }
+    }
+}
+
+impl FieldCondition {
+    fn holds(&self, values: &[FieldValue]) -> bool {
+        if values.is_empty() {
+            return self.present == Some(false);
+        }
+        if self.present == Some(false) {
+            return false;
+        }
+        values.iter().all(|v| {
+            self.min
+                .is_none_or(|lo| v.number().is_some_and(|n| n >= lo))
+                && self
+                    .max
+                    .is_none_or(|hi| v.number().is_some_and(|n| n <= hi))
+                && self.equals.as_ref().is_none_or(|e| v.equals(e))
+                && self
+                    .one_of
+                    .as_ref()
+                    .is_none_or(|set| set.iter().any(|e| v.equals(e)))
+        })
+    }
+}
+
+/// Every occurrence of every field of a request, by name.
+#[derive(Debug, Default)]
+struct Fields(BTreeMap<String, Vec<FieldValue>>);
+
+impl Fields {
+    fn of(req: &Subject<'_>) -> Fields {
+        let mut f = Fields::default();
+        for (k, v) in req.url.query_pairs() {
+            f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
+        }
+        match body_kind(req.content_type, req.body) {
+            BodyKind::Json => {
+                if let Ok(node) = serde_json::from_slice::<Node>(req.body) {
+                    node.flatten("", &mut f);
+                }
+            }
+            BodyKind::Form => {
+                for (k, v) in url::form_urlencoded::parse(req.body) {
+                    f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
+                }
+            }
+            BodyKind::Other => {}
+        }
+        f
+    }
+
+    fn push(&mut self, name: String, v: FieldValue) {
+        self.0.entry(name).or_default().push(v);
+    }
+
+    fn get(&self, name: &str) -> &[FieldValue] {
+        self.0.get(name).map_or(&[], Vec::as_slice)
+    }
+}
+
+enum BodyKind {
+    Json,
+    Form,
+    Other,
+}
+
+/// How a body is read: by its declared type; without a usable one, JSON if it looks like it,
+/// else form pairs (reading more occurrences only ever makes conditions harder to meet).
+fn body_kind(content_type: Option<&str>, body: &[u8]) -> BodyKind {
+    if body.is_empty() {
+        return BodyKind::Other;
+    }
+    let ct = content_type.unwrap_or("").to_ascii_lowercase();
+    if ct.contains("json") {
+        return BodyKind::Json;
+    }
+    if ct.contains("x-www-form-urlencoded") {
+        return BodyKind::Form;
+    }
+    if ct.starts_with("multipart/") {
+        return BodyKind::Other;
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b'{') | Some(b'[')) {
+        BodyKind::Json
+    } else {
+        BodyKind::Form
+    }
+}
+
+/// A JSON value that keeps every member of an object, duplicates included (`serde_json::Value`
+/// keeps only the last, while a server may read the first).
+enum Node {
+    Object(Vec<(String, Node)>),
+    Array(Vec<Node>),
+    Leaf(FieldValue),
+}
+
+impl Node {
+    fn flatten(self, path: &str, out: &mut Fields) {
+        match self {
+            Node::Object(members) => {
+                if !path.is_empty() {
+                    out.push(path.to_string(), FieldValue::Other);
+                }
+                for (k, v) in members {
+                    let p = if path.is_empty() {
+                        k
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    v.flatten(&p, out);
+                }
+            }
+            // An array adds no name: `items.price` is every item's price.
+            Node::Array(items) => {
+                for v in items {
+                    v.flatten(path, out);
+                }
+            }
+            Node::Leaf(v) => out.push(path.to_string(), v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Node, E> {
+                Ok(Node::Leaf(FieldValue::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Node, E> {
+                Ok(Node::Leaf(FieldValue::Number(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Node, E> {
+                Ok(Node::Leaf(FieldValue::Number(v as f64)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Node, E> {
+                Ok(Node::Leaf(FieldValue::Number(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Node, E> {
+                Ok(Node::Leaf(FieldValue::Text(v.to_string())))
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Leaf(FieldValue::Other))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(v) = a.next_element()? {
+                    items.push(v);
+                }
+                Ok(Node::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut members = Vec::new();
+                while let Some((k, v)) = a.next_entry::<String, Node>()? {
+                    members.push((k, v));
+                }
+                Ok(Node::Object(members))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `max_count` budgets of one session's rules: requests sent and requests on their way.
+#[derive(Debug)]
+pub struct Budgets {
+    /// Per rule: (sent, reserved).
+    counts: Mutex<Vec<(u64, u64)>>,
+    limits: Vec<Option<u64>>,
+}
+
+/// A place in a rule's budget, held while its request is on its way: [`Reservation::commit`]
+/// once the request is sent; dropped uncommitted, the place is given back.
+#[derive(Debug)]
+pub struct Reservation {
+    budgets: std::sync::Arc<Budgets>,
+    rule: usize,
+    done: bool,
+}
+
+impl Budgets {
+    /// Empty budgets for `policy`'s rules.
+    pub fn new(policy: &ActionPolicy) -> Budgets {
+        Budgets {
+            counts: Mutex::new(vec![(0, 0); policy.rules.len()]),
+            limits: policy.rules.iter().map(|r| r.source.max_count).collect(),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether rule `rule` has room for one more request (sent and reserved counted).
+    pub fn has_room(&self, rule: usize) -> bool {
+        match self.limits.get(rule).copied().flatten() {
+            None => true,
+            Some(max) => self.counts().get(rule).is_some_and(|(s, r)| s + r < max),
+        }
+    }
+
+    /// Reserves one request of rule `rule`'s budget, or `None` when it is spent. A rule
+    /// without `max_count` always has room (and its reservation counts nothing against it).
+    pub fn reserve(self: &std::sync::Arc<Self>, rule: usize) -> Option<Reservation> {
+        let max = self.limits.get(rule).copied().flatten();
+        let mut counts = self.counts();
+        let slot = counts.get_mut(rule)?;
+        if max.is_some_and(|max| slot.0 + slot.1 >= max) {
+            return None;
+        }
+        slot.1 += 1;
+        Some(Reservation {
+            budgets: self.clone(),
+            rule,
+            done: false,
+        })
+    }
+
+    /// Requests sent under rule `rule`.
+    pub fn sent(&self, rule: usize) -> u64 {
+        self.counts().get(rule).map_or(0, |c| c.0)
+    }
+}
+
+impl Reservation {
+    /// The request was sent: the place is used for good. Returns how many requests the rule
+    /// has sent now and its `max_count`.
+    pub fn commit(mut self) -> (u64, Option<u64>) {
+        self.done = true;
+        let mut counts = self.budgets.counts();
+        let slot = &mut counts[self.rule];
+        slot.1 -= 1;
+        slot.0 += 1;
+        (slot.0, self.budgets.limits[self.rule])
+    }
+
+    /// The rule's position.
+    pub fn rule(&self) -> usize {
+        self.rule
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut counts = self.budgets.counts();
+            counts[self.rule].1 -= 1;
+        }
+    }
+}
+
+/// Field names and values of a body for a human deciding on it, at most `max_fields` of
+/// them, each value cut to 120 characters; `None` for a body that is not form or JSON.
+pub fn body_fields(
+    content_type: Option<&str>,
+    body: &[u8],
+    max_fields: usize,
+) -> Option<Vec<(String, String)>> {
+    let mut f = Fields::default();
+    match body_kind(content_type, body) {
+        BodyKind::Json => serde_json::from_slice::<Node>(body)
+            .ok()?
+            .flatten("", &mut f),
+        BodyKind::Form => {
+            for (k, v) in url::form_urlencoded::parse(body) {
+                f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
+            }
+        }
+        BodyKind::Other => return None,
+    }
+    let cut = |s: String| {
+        if s.chars().count() > 120 {
+            s.chars().take(120).collect::<String>() + "…"
+        } else {
+            s
+        }
+    };
+    Some(
+        f.0.into_iter()
+            .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)))
+            .filter_map(|(k, v)| {
+                let text = match v {
+                    FieldValue::Text(t) => t,
+                    FieldValue::Number(n) => n.to_string(),
+                    FieldValue::Bool(b) => b.to_string(),
+                    FieldValue::Other => return None,
+                };
+                Some((cut(k), cut(text)))
+            })
+            .take(max_fields)
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(toml_text: &str) -> ActionPolicy {
+        #[derive(Deserialize)]
+        struct Doc {
+            actions: Vec<ActionRule>,
+        }
+        let d: Doc = toml::from_str(toml_text).unwrap();
+        ActionPolicy::compile(&d.actions).unwrap()
+    }
+
+    fn error(toml_text: &str) -> RuleError {
+        #[derive(Deserialize)]
+        struct Doc {
+            actions: Vec<ActionRule>,
+        }
+        let d: Doc = toml::from_str(toml_text).unwrap();
+        ActionPolicy::compile(&d.actions).unwrap_err()
+    }
+
+    fn hit(
+        p: &ActionPolicy,
+        method: &str,
+        url: &str,
+        ct: Option<&str>,
+        body: &str,
+    ) -> Option<usize> {
+        let url = Url::parse(url).unwrap();
+        p.first_match(&Subject {
+            method,
+            url: &url,
+            content_type: ct,
+            body: body.as_bytes(),
+        })
+        .map(|m| m.index)
+    }
+
+    const SHOP: &str = r#"
+        actions = [
+          { match = { method = "POST", url = "shop.test/checkout*", fields = { amount = { max = 100 } } }, decision = "approve" },
+          { match = { method = "POST", url = "shop.test/checkout*" }, decision = "deny" },
+          { match = { url = "*.shop.test/api/*/pay" }, decision = "approve", max_count = 2 },
+        ]
+    "#;
+
+    #[test]
+    fn the_first_matching_rule_decides_and_no_match_allows() {
+        let p = rules(SHOP);
+        let form = Some("application/x-www-form-urlencoded");
+        assert_eq!(
+            hit(&p, "POST", "http://shop.test/checkout", form, "amount=40"),
+            Some(0)
+        );
+        assert_eq!(
+            hit(
+                &p,
+                "post",
+                "http://shop.test:8080/checkout/now",
+                form,
+                "amount=100"
+            ),
+            Some(0)
+        );
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                "http://shop.test/checkout",
+                form,
+                "amount=100.01"
+            ),
+            Some(1)
+        );
+        assert_eq!(hit(&p, "GET", "http://shop.test/checkout", None, ""), None);
+        assert_eq!(
+            hit(&p, "POST", "http://shop.test/cart", form, "amount=1"),
+            None
+        );
+        assert_eq!(
+            hit(&p, "GET", "https://eu.shop.test/api/v2/pay", None, ""),
+            Some(2)
+        );
+        // `*.shop.test` is below shop.test, as in the egress allow list.
+        assert_eq!(
+            hit(&p, "GET", "https://shop.test/api/v2/pay", None, ""),
+            None
+        );
+        assert_eq!(
+            hit(&p, "POST", "http://other.test/checkout", form, "amount=1"),
+            None
+        );
+    }
+
+    #[test]
+    fn encoded_paths_and_hosts_do_not_slip_past() {
+        let p = rules(SHOP);
+        let form = Some("application/x-www-form-urlencoded");
+        for url in [
+            "http://shop.test/check%6Fut",
+            "http://shop.test//checkout",
+            "http://SHOP.test./checkout",
+            "http://shop.test/x/../checkout",
+        ] {
+            assert_eq!(hit(&p, "POST", url, form, "amount=500"), Some(1), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_condition_holds_only_for_every_occurrence() {
+        let p = rules(SHOP);
+        let form = Some("application/x-www-form-urlencoded");
+        let json = Some("application/json");
+        let u = "http://shop.test/checkout";
+        // Repeated pairs, a query parameter besides the body, duplicate JSON keys, arrays.
+        assert_eq!(hit(&p, "POST", u, form, "amount=5&amount=500"), Some(1));
+        assert_eq!(
+            hit(&p, "POST", &format!("{u}?amount=500"), form, "amount=5"),
+            Some(1)
+        );
+        assert_eq!(
+            hit(&p, "POST", u, json, r#"{"amount": 5, "amount": 500}"#),
+            Some(1)
+        );
+        assert_eq!(hit(&p, "POST", u, json, r#"{"amount": [5, 500]}"#), Some(1));
+        assert_eq!(hit(&p, "POST", u, json, r#"{"amount": [5, 50]}"#), Some(0));
+        assert_eq!(hit(&p, "POST", u, json, r#"{"amount": "42"}"#), Some(0));
+        // Not shown to hold: absent, not a number, an unread body.
+        assert_eq!(hit(&p, "POST", u, form, "total=5"), Some(1));
+        for odd in [
+            "amount=inf",
+            "amount=NaN",
+            "amount=0x10",
+            "amount=1e999",
+            "amount=",
+        ] {
+            assert_eq!(hit(&p, "POST", u, form, odd), Some(1), "{odd}");
+        }
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                u,
+                Some("multipart/form-data; boundary=x"),
+                "amount=5"
+            ),
+            Some(1)
+        );
+        // Without a type: JSON when it looks like it, else form pairs.
+        assert_eq!(
+            hit(&p, "POST", u, Some("text/plain"), r#"{"amount": 7}"#),
+            Some(0)
+        );
+        assert_eq!(hit(&p, "POST", u, None, "amount=7"), Some(0));
+    }
+
+    #[test]
+    fn nested_fields_and_other_conditions() {
+        let p = rules(
+            r#"actions = [
+              { match = { fields = { "order.total" = { min = 1, max = 10 }, currency = { one_of = ["EUR", "USD"] }, gift = { present = false } } }, decision = "allow" },
+              { match = { fields = { express = { equals = true } } }, decision = "deny" },
+              { match = {}, decision = "approve" },
+            ]"#,
+        );
+        let json = Some("application/json");
+        let u = "http://any.test/";
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                u,
+                json,
+                r#"{"order":{"total":5},"currency":"EUR"}"#
+            ),
+            Some(0)
+        );
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                u,
+                json,
+                r#"{"order":{"total":5},"currency":"GBP"}"#
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                u,
+                json,
+                r#"{"order":{"total":5},"currency":"EUR","gift":1}"#
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                u,
+                json,
+                r#"{"order":[{"total":5},{"total":50}],"currency":"USD"}"#
+            ),
+            Some(2)
+        );
+        assert_eq!(hit(&p, "POST", u, json, r#"{"express":true}"#), Some(1));
+        assert_eq!(hit(&p, "POST", u, None, "express=true"), Some(1));
+        assert_eq!(hit(&p, "POST", u, None, "express=yes"), Some(2));
+    }
+
+    #[test]
+    fn bad_rules_are_refused_naming_the_part() {
+        let cases = [
+            (
+                r#"actions = [{ match = { url = "ftp://shop.test/" }, decision = "deny" }]"#,
+                "actions[0].match.url",
+            ),
+            (
+                r#"actions = [{ match = { url = "shop.test:8080/x" }, decision = "deny" }]"#,
+                "actions[0].match.url",
+            ),
+            (
+                r#"actions = [{ match = { url = "shop.test/x?y=1" }, decision = "deny" }]"#,
+                "actions[0].match.url",
+            ),
+            (
+                r#"actions = [{ match = { url = "/checkout" }, decision = "deny" }]"#,
+                "actions[0].match.url",
+            ),
+            (
+                r#"actions = [{ match = { url = "shop..test/" }, decision = "deny" }]"#,
+                "actions[0].match.url",
+            ),
+            (
+                r#"actions = [{ match = { method = "PO ST" }, decision = "deny" }]"#,
+                "actions[0].match.method",
+            ),
+            (
+                r#"actions = [{ match = { method = [] }, decision = "deny" }]"#,
+                "actions[0].match.method",
+            ),
+            (
+                r#"actions = [{ decision = "deny", max_count = 3 }]"#,
+                "actions[0].max_count",
+            ),
+            (
+                r#"actions = [{ decision = "allow", max_count = 0 }]"#,
+                "actions[0].max_count",
+            ),
+            (
+                r#"actions = [{ match = { fields = { a = {} } }, decision = "deny" }]"#,
+                "actions[0].match.fields.a",
+            ),
+            (
+                r#"actions = [{ match = { fields = { a = { min = 5, max = 1 } } }, decision = "deny" }]"#,
+                "actions[0].match.fields.a.min",
+            ),
+            (
+                r#"actions = [{ match = { fields = { a = { present = false, max = 1 } } }, decision = "deny" }]"#,
+                "actions[0].match.fields.a.present",
+            ),
+            (
+                r#"actions = [{ match = { fields = { a = { one_of = [] } } }, decision = "deny" }]"#,
+                "actions[0].match.fields.a.one_of",
+            ),
+        ];
+        for (text, field) in cases {
+            assert_eq!(error(text).field, field, "{text}");
+        }
+        // Unknown keys are refused by the types themselves.
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Doc {
+            actions: Vec<ActionRule>,
+        }
+        assert!(toml::from_str::<Doc>(
+            r#"actions = [{ match = { path = "/x" }, decision = "deny" }]"#
+        )
+        .is_err());
+        assert!(toml::from_str::<Doc>(r#"actions = [{ decision = "maybe" }]"#).is_err());
+        assert!(toml::from_str::<Doc>(
+            r#"actions = [{ match = { fields = { a = { below = 1 } } }, decision = "deny" }]"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn budgets_count_sent_requests_only() {
+        let p = rules(SHOP);
+        let b = std::sync::Arc::new(Budgets::new(&p));
+        let first = b.reserve(2).unwrap();
+        let second = b.reserve(2).unwrap();
+        // Two on their way fill a budget of two.
+        assert!(b.reserve(2).is_none());
+        assert!(!b.has_room(2));
+        drop(second); // not sent: its place comes back
+        assert!(b.has_room(2));
+        assert_eq!(first.commit(), (1, Some(2)));
+        assert_eq!(b.reserve(2).unwrap().commit(), (2, Some(2)));
+        assert!(b.reserve(2).is_none());
+        assert_eq!(b.sent(2), 2);
+        // Rules without a budget always have room.
+        for _ in 0..5 {
+            b.reserve(0).unwrap().commit();
+        }
+        assert!(b.has_room(0));
+    }
+
+    #[test]
+    fn body_fields_for_humans_are_bounded() {
+        let f = body_fields(
+            Some("application/json"),
+            br#"{"amount": 40, "note": "hi"}"#,
+            10,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            vec![("amount".into(), "40".into()), ("note".into(), "hi".into())]
+        );
+        let long = format!("a={}", "x".repeat(500));
+        let f = body_fields(None, long.as_bytes(), 10).unwrap();
+        assert_eq!(f[0].1.chars().count(), 121);
+        assert!(body_fields(Some("multipart/form-data"), b"--x", 10).is_none());
+    }
+}
