@@ -173,6 +173,7 @@ fn a_denied_checkout_and_an_unanswered_one_never_reach_the_shop() {
     rt().block_on(async {
         let mut cdp = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
         let page = cdp.open_page(&shop.url()).await;
+        cdp.call("Network.enable", json!({}), Some(&page)).await;
 
         start_order(&mut cdp, &page, 40, "/checkout").await;
         let approval = pending(&sup, 1)[0]["id"].as_str().unwrap().to_string();
@@ -191,6 +192,18 @@ fn a_denied_checkout_and_an_unanswered_one_never_reach_the_shop() {
         assert!(
             body["error"].as_str().unwrap().contains("expired"),
             "{body}"
+        );
+        // Both failed as blocked by client, as the browser reports it.
+        let blocked = cdp
+            .seen
+            .iter()
+            .filter(|f| {
+                f.contains("Network.loadingFailed") && f.contains("net::ERR_BLOCKED_BY_CLIENT")
+            })
+            .count();
+        assert_eq!(
+            blocked, 2,
+            "loadingFailed events with ERR_BLOCKED_BY_CLIENT"
         );
     });
     assert!(shop.orders().is_empty(), "an order reached the shop");
@@ -505,4 +518,72 @@ fn the_cli_lists_approves_and_denies() {
     assert_eq!(shop.orders().len(), 1);
     assert_eq!(sup.events("action.approved")[0]["by"], "erin");
     assert_eq!(sup.events("action.denied")[0]["by"], "frank");
+}
+
+#[test]
+fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_webhook() {
+    use base64::Engine;
+    let shop = Shop::start();
+    let hook = webhook();
+    let sup = Supervisor::start_with_config(&format!(
+        "approval_webhook = \"http://127.0.0.1:{}/hook\"\n",
+        hook.port()
+    ));
+    let mut m = shop_mandate(checkout_needs_approval());
+    m["credentials"] = json!([{
+        "id": "pay", "site": "shop.test", "on_approval": true,
+        "headers": { "X-Pay-Token": PAY_TOKEN },
+    }]);
+    let s = sup.session(&m);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(PAY_TOKEN);
+    rt().block_on(async {
+        let mut cdp = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
+        let page = cdp.open_page(&shop.url()).await;
+        // The page somehow holds the value (say, an earlier leak) and tries to get it shown to
+        // the human, raw in the body and base64 in the URL.
+        cdp.eval(
+            &page,
+            &format!(
+                "window.outcome = undefined; fetch('/checkout?ref={b64}', {{method: 'POST', \
+                 headers: {{'Content-Type': 'application/json'}}, \
+                 body: JSON.stringify({{amount: 5, note: 'x{PAY_TOKEN}y'}})}})\
+                 .then(r => r.text()).then(t => window.outcome = 'OK:' + t, \
+                 e => window.outcome = 'ERR:' + e.message); 0"
+            ),
+        )
+        .await;
+        let list = pending(&sup, 1);
+        let shown = list[0].to_string();
+        assert!(
+            !shown.contains(PAY_TOKEN) && !shown.contains(&b64),
+            "{shown}"
+        );
+        assert_eq!(
+            list[0]["body"]["fields"][0],
+            json!({"name": "amount", "value": "5"})
+        );
+        let id = list[0]["id"].as_str().unwrap().to_string();
+        for _ in 0..200 {
+            if !hook.requests().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, _) = decide(&sup, &id, "deny", "gina");
+        assert_eq!(status, 200);
+        assert!(outcome(&mut cdp, &page).await.starts_with("ERR:"));
+    });
+    assert_eq!(hook.requests().len(), 1);
+    for (what, text) in [
+        (
+            "webhook",
+            String::from_utf8_lossy(&hook.everything()).to_string(),
+        ),
+        ("audit log", std::fs::read_to_string(&sup.audit).unwrap()),
+        ("supervisor output", sup.stderr_text()),
+    ] {
+        assert!(!text.contains(PAY_TOKEN), "{what} holds the value");
+        assert!(!text.contains(&b64), "{what} holds the value in base64");
+    }
+    assert!(shop.orders().is_empty());
 }
