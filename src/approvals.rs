@@ -24,6 +24,9 @@ use crate::broker::upstream::Upstream;
 
 /// How many settled approvals are remembered, to tell "already decided" from "unknown".
 const SETTLED_MEMORY: usize = 1024;
+/// Most requests one session may have waiting for a human: beyond, they are denied at once
+/// (an agent cannot pile up held requests, each of which Chromium keeps open).
+pub const MAX_PENDING_PER_SESSION: usize = 64;
 /// Webhook attempts per pending request.
 const WEBHOOK_ATTEMPTS: u32 = 3;
 
@@ -165,14 +168,33 @@ impl Approvals {
         }
     }
 
+    /// Whether `session` may have one more request waiting (see [`MAX_PENDING_PER_SESSION`]).
+    pub fn has_room(&self, session: &str) -> bool {
+        self.pending_of(&lock(&self.pending), session) < MAX_PENDING_PER_SESSION
+    }
+
+    fn pending_of(&self, pending: &HashMap<String, Entry>, session: &str) -> usize {
+        pending
+            .values()
+            .filter(|e| e.view.session == session)
+            .count()
+    }
+
     /// Lists `view` as pending and announces it; the receiver gets the human's verdict.
-    pub fn submit(&self, view: Approval) -> oneshot::Receiver<Verdict> {
+    /// `None` when its session already has [`MAX_PENDING_PER_SESSION`] waiting.
+    pub fn submit(&self, view: Approval) -> Option<oneshot::Receiver<Verdict>> {
         let (tx, rx) = oneshot::channel();
-        if let Some(w) = &self.webhook {
-            tokio::spawn(announce(w.clone(), self.audit.clone(), view.clone()));
+        {
+            let mut pending = lock(&self.pending);
+            if self.pending_of(&pending, &view.session) >= MAX_PENDING_PER_SESSION {
+                return None;
+            }
+            if let Some(w) = &self.webhook {
+                tokio::spawn(announce(w.clone(), self.audit.clone(), view.clone()));
+            }
+            pending.insert(view.id.clone(), Entry { view, tx });
         }
-        lock(&self.pending).insert(view.id.clone(), Entry { view, tx });
-        rx
+        Some(rx)
     }
 
     /// Pending approvals, oldest first; only `session`'s when given.
@@ -312,8 +334,12 @@ mod tests {
     #[tokio::test]
     async fn a_decision_reaches_the_waiting_request_once() {
         let a = approvals();
-        let rx = a.submit(view("apr_1", "s1", "2026-01-01T00:00:02Z"));
-        let _rx2 = a.submit(view("apr_2", "s2", "2026-01-01T00:00:01Z"));
+        let rx = a
+            .submit(view("apr_1", "s1", "2026-01-01T00:00:02Z"))
+            .unwrap();
+        let _rx2 = a
+            .submit(view("apr_2", "s2", "2026-01-01T00:00:01Z"))
+            .unwrap();
         let ids: Vec<String> = a.list(None).into_iter().map(|v| v.id).collect();
         assert_eq!(ids, ["apr_2", "apr_1"]);
         assert_eq!(a.list(Some("s1")).len(), 1);
@@ -332,9 +358,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_cannot_pile_up_held_requests() {
+        let a = approvals();
+        let mut held = Vec::new();
+        for i in 0..MAX_PENDING_PER_SESSION {
+            held.push(a.submit(view(&format!("apr_{i}"), "s1", "t")).unwrap());
+        }
+        assert!(!a.has_room("s1"));
+        assert!(a.submit(view("apr_x", "s1", "t")).is_none());
+        // Other sessions are not held back by it.
+        assert!(a.has_room("s2"));
+        assert!(a.submit(view("apr_y", "s2", "t")).is_some());
+        assert!(a.expire("apr_0").is_some());
+        assert!(a.has_room("s1"));
+    }
+
+    #[tokio::test]
     async fn a_put_back_approval_is_pending_again_and_sessions_cancel_theirs() {
         let a = approvals();
-        let mut rx = a.submit(view("apr_1", "s1", "t"));
+        let mut rx = a.submit(view("apr_1", "s1", "t")).unwrap();
         let t = a.take("apr_1").unwrap();
         assert!(a.list(None).is_empty());
         a.put_back(t);

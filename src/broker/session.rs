@@ -84,6 +84,8 @@ pub enum Asked {
     Cancelled,
     /// The request could not be recorded, so it was never listed.
     NotRecorded(String),
+    /// Not listed: why (too many of the session's requests already wait).
+    Refused(String),
 }
 
 /// A running broker. Dropping it does not stop the interception: that ends with the browser.
@@ -1041,6 +1043,7 @@ impl State {
                     },
                     // Recorded where they happened (the decision, the expiry).
                     Asked::Denied(_) | Asked::Expired | Asked::Cancelled => Gate::Fail,
+                    Asked::Refused(why) => denied("limit", why),
                     Asked::NotRecorded(e) => {
                         tracing::error!(error = %e, "a request for approval could not be audited; it is failed");
                         Gate::Fail

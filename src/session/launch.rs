@@ -375,6 +375,15 @@ async fn ask(
     use crate::approvals::Verdict;
     use crate::broker::Asked;
     let id = approval.id.clone();
+    let full = || {
+        Asked::Refused(format!(
+            "{} requests of this session already wait for a human",
+            crate::approvals::MAX_PENDING_PER_SESSION
+        ))
+    };
+    if !reg.approvals.has_room(&session.id) {
+        return full();
+    }
     let requested = reg
         .audit
         .record(
@@ -393,8 +402,10 @@ async fn ask(
     if let Err(e) = requested {
         return Asked::NotRecorded(e.to_string());
     }
+    let Some(mut rx) = reg.approvals.submit(approval) else {
+        return full();
+    };
     reg.metrics.approvals_pending.inc();
-    let mut rx = reg.approvals.submit(approval);
     let mut deadline = tokio::time::Instant::now() + timeout;
     let asked = loop {
         match tokio::time::timeout_at(deadline, &mut rx).await {
@@ -423,7 +434,7 @@ async fn ask(
                 Asked::Approved(_) => "approved",
                 Asked::Denied(_) => "denied",
                 Asked::Expired => "expired",
-                Asked::Cancelled | Asked::NotRecorded(_) => "cancelled",
+                Asked::Cancelled | Asked::NotRecorded(_) | Asked::Refused(_) => "cancelled",
             }
             .to_string(),
         })
