@@ -370,7 +370,7 @@ fn decide_bench(s: &Settings) -> anyhow::Result<Vec<Micro>> {
         let m = policy.first_match(&chaperone::actions::Subject {
             method: shop_request.method,
             url: shop_request.url,
-            content_type: Some("application/json"),
+            headers: shop_request.headers,
             body: shop_request.body,
         });
         (d, m.map(|m| m.index))

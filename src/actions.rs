@@ -164,7 +164,12 @@ struct Compiled {
     methods: Option<Vec<String>>,
     scheme: Option<&'static str>,
     host: Option<HostPattern>,
+    /// The path glob as written (decoded, slashes folded)...
     path: Option<WildMatch>,
+    /// ...and lowercased, for the spellings servers commonly treat alike.
+    loose_path: Option<WildMatch>,
+    /// The field conditions by folded name.
+    fields: Vec<(String, FieldCondition)>,
 }
 
 /// A request as the rules see it.
@@ -174,19 +179,22 @@ pub struct Subject<'a> {
     pub method: &'a str,
     /// The URL.
     pub url: &'a Url,
-    /// The `Content-Type` header, if any.
-    pub content_type: Option<&'a str>,
+    /// The request headers (for `Content-Type` and method overrides).
+    pub headers: &'a [(String, String)],
     /// The body bytes the broker can see.
     pub body: &'a [u8],
 }
 
-/// The rule that matched a request.
+/// The rule that decides a request.
 #[derive(Clone, Copy, Debug)]
 pub struct Matched<'a> {
     /// Its position in `actions`.
     pub index: usize,
     /// The rule.
     pub rule: &'a ActionRule,
+    /// Whether it matches every reading of the request; `false` when it was chosen because
+    /// some reading matches it and its decision is the strictest of those readings.
+    pub certain: bool,
 }
 
 impl Matched<'_> {
@@ -197,7 +205,37 @@ impl Matched<'_> {
             "decision": self.rule.decision.name(),
             "match": self.rule.matches,
             "max_count": self.rule.max_count,
+            "certain": self.certain,
         })
+    }
+}
+
+/// Whether a part of a rule holds for a request: for every reading, for some, or for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Tri {
+    No,
+    Maybe,
+    Sure,
+}
+
+impl Tri {
+    fn of(all: bool, any: bool) -> Tri {
+        match (all, any) {
+            (true, _) => Tri::Sure,
+            (false, true) => Tri::Maybe,
+            (false, false) => Tri::No,
+        }
+    }
+}
+
+impl ActionDecision {
+    /// deny > approve > allow.
+    fn strictness(self) -> u8 {
+        match self {
+            ActionDecision::Allow => 0,
+            ActionDecision::Approve => 1,
+            ActionDecision::Deny => 2,
+        }
     }
 }
 
@@ -233,36 +271,64 @@ impl ActionPolicy {
             .any(|r| r.source.decision == ActionDecision::Approve)
     }
 
+    /// Whether an `approve` rule could match requests to `host` (any path, method, fields).
+    pub fn may_ask_about(&self, host: &str) -> bool {
+        let Ok(host) = Host::parse(host) else {
+            return false;
+        };
+        self.rules.iter().any(|r| {
+            r.source.decision == ActionDecision::Approve
+                && r.host.as_ref().is_none_or(|h| h.matches(&host))
+        })
+    }
+
     /// How many rules there are.
     pub fn len(&self) -> usize {
         self.rules.len()
     }
 
-    /// The first rule that matches `req`, if any.
+    /// The rule that decides `req`, if any (`None`: allowed, no rule).
+    ///
+    /// A request can often be read more than one way: a field given twice or under spellings
+    /// servers take for the same name, a method override, a path spelling some servers treat
+    /// alike, a body chaperone cannot read. Every reading is decided and the strictest
+    /// decision wins (deny, then approve, then allow): going down the rules, a rule that
+    /// matches some readings is a candidate, one that matches all of them ends the walk, and
+    /// without such a rule "no rule" (allow) is a candidate too. The first candidate with the
+    /// strictest decision is the one returned.
     pub fn first_match(&self, req: &Subject<'_>) -> Option<Matched<'_>> {
         let mut fields: Option<Fields> = None;
+        let mut best: Option<Matched<'_>> = None;
         for (index, rule) in self.rules.iter().enumerate() {
-            if !rule.matches_head(req) {
-                continue;
-            }
-            if !rule.source.matches.fields.is_empty() {
+            let mut t = rule.head(req);
+            if t != Tri::No && !rule.fields.is_empty() {
                 let f = fields.get_or_insert_with(|| Fields::of(req));
-                if !rule
-                    .source
-                    .matches
-                    .fields
-                    .iter()
-                    .all(|(name, cond)| cond.holds(f.get(name)))
-                {
-                    continue;
+                for (name, cond) in &rule.fields {
+                    t = t.min(cond.holds(f.get(name), f.unreadable));
+                    if t == Tri::No {
+                        break;
+                    }
                 }
             }
-            return Some(Matched {
+            if t == Tri::No {
+                continue;
+            }
+            let certain = t == Tri::Sure;
+            let m = Matched {
                 index,
                 rule: &rule.source,
-            });
+                certain,
+            };
+            if best.is_none_or(|b| m.rule.decision.strictness() > b.rule.decision.strictness()) {
+                best = Some(m);
+            }
+            if certain {
+                return best;
+            }
         }
-        None
+        // No rule matched every reading: "no rule" (allow) is one more candidate, and it is
+        // never stricter than one already found.
+        best
     }
 }
 
@@ -343,12 +409,42 @@ fn compile_rule(r: &ActionRule) -> Result<Compiled, RuleError> {
             ));
         }
     }
+    let mut fields: Vec<(String, FieldCondition)> = Vec::new();
+    for (name, cond) in &r.matches.fields {
+        let folded = fold_name(name);
+        if folded.is_empty() {
+            return Err(rule_error(
+                format!("match.fields.{name}"),
+                "names no field once brackets, `_` and array indices are read as servers read them",
+            ));
+        }
+        if let Some((other, _)) = r
+            .matches
+            .fields
+            .iter()
+            .find(|(o, _)| *o != name && fold_name(o) == folded)
+        {
+            return Err(rule_error(
+                format!("match.fields.{name}"),
+                format!("is the same field as `{other}` to servers that fold case, brackets or `_`; give one condition"),
+            ));
+        }
+        fields.push((folded, cond.clone()));
+    }
+    let loose_path = r
+        .matches
+        .url
+        .as_ref()
+        .and(path.as_ref())
+        .map(|_| WildMatch::new(&loose_paths(&path_pattern(r))[0]));
     Ok(Compiled {
         source: r.clone(),
         methods,
         scheme,
         host,
         path,
+        loose_path,
+        fields,
     })
 }
 
@@ -365,6 +461,17 @@ fn check_method(m: &str, field: &str) -> Result<String, RuleError> {
 }
 
 type UrlPattern = (Option<&'static str>, Option<HostPattern>, Option<WildMatch>);
+
+/// The path part of a rule's `url`, normalized as request paths are.
+fn path_pattern(r: &ActionRule) -> String {
+    let u = r.matches.url.as_deref().unwrap_or("");
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+        .unwrap_or(u);
+    rest.find('/')
+        .map_or_else(|| "/*".to_string(), |i| normalize_path(&rest[i..]))
+}
 
 fn parse_url_pattern(u: &str) -> Result<UrlPattern, String> {
     let (scheme, rest) = if let Some(r) = u.strip_prefix("https://") {
@@ -418,30 +525,117 @@ fn normalize_path(p: &str) -> String {
     out
 }
 
+/// Spellings of a path that common servers route alike: any case (Express, ASP.NET, IIS),
+/// `;parameters` in a segment dropped (Tomcat, Spring), with or without a trailing slash.
+fn loose_paths(normalized: &str) -> [String; 2] {
+    let lower = normalized.to_lowercase();
+    let no_params: String = lower
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("/");
+    let trimmed = match no_params.trim_end_matches('/') {
+        "" => "/".to_string(),
+        t => t.to_string(),
+    };
+    let slashed = if trimmed.ends_with('/') {
+        trimmed.clone()
+    } else {
+        format!("{trimmed}/")
+    };
+    [trimmed, slashed]
+}
+
+/// Headers and form fields that frameworks (Rails, Laravel, Symfony, ASP.NET) take as the
+/// real method of a `POST`.
+const METHOD_OVERRIDE_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 impl Compiled {
-    fn matches_head(&self, req: &Subject<'_>) -> bool {
+    /// Method, scheme, host and path.
+    fn head(&self, req: &Subject<'_>) -> Tri {
+        let mut t = Tri::Sure;
         if let Some(ms) = &self.methods {
-            if !ms.iter().any(|m| m.eq_ignore_ascii_case(req.method)) {
-                return false;
+            let mut effective: Vec<String> = vec![req.method.to_ascii_uppercase()];
+            for (name, value) in req.headers {
+                if METHOD_OVERRIDE_HEADERS
+                    .iter()
+                    .any(|h| name.eq_ignore_ascii_case(h))
+                {
+                    effective.push(value.trim().to_ascii_uppercase());
+                }
             }
+            if req.method.eq_ignore_ascii_case("POST") {
+                for (k, v) in req.url.query_pairs() {
+                    if k == "_method" {
+                        effective.push(v.trim().to_ascii_uppercase());
+                    }
+                }
+                if matches!(
+                    body_kind(content_type(req.headers), req.body),
+                    BodyKind::Form
+                ) {
+                    for (k, v) in url::form_urlencoded::parse(req.body) {
+                        if k == "_method" {
+                            effective.push(v.trim().to_ascii_uppercase());
+                        }
+                    }
+                }
+            }
+            let listed = |m: &String| ms.contains(m);
+            t = t.min(Tri::of(
+                effective.iter().all(listed),
+                effective.iter().any(listed),
+            ));
         }
         if self.scheme.is_some_and(|s| s != req.url.scheme()) {
-            return false;
+            return Tri::No;
         }
         if let Some(h) = &self.host {
             let host = req.url.host_str().unwrap_or("");
             match Host::parse(host.trim_start_matches('[').trim_end_matches(']')) {
                 Ok(host) if h.matches(&host) => {}
-                _ => return false,
+                _ => return Tri::No,
             }
         }
-        if let Some(p) = &self.path {
-            if !p.matches(&normalize_path(req.url.path())) {
-                return false;
-            }
+        if let (Some(p), Some(loose)) = (&self.path, &self.loose_path) {
+            let normalized = normalize_path(req.url.path());
+            let exact = p.matches(&normalized);
+            let alike = exact || loose_paths(&normalized).iter().any(|l| loose.matches(l));
+            t = t.min(Tri::of(exact, alike));
         }
-        true
+        t
     }
+}
+
+fn content_type(headers: &[(String, String)]) -> Option<&str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.as_str())
+}
+
+/// A field name as servers commonly read it: case folded (Go and .NET bind `AMOUNT` to
+/// `amount`), brackets read as nesting (`order[total]`, `amount[]`, `items[0][price]`),
+/// `_` and spaces taken for `.` (PHP turns `.` into `_`), array indices dropped.
+fn fold_name(name: &str) -> String {
+    let mut flat = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '[' | '_' | ' ' => flat.push('.'),
+            ']' => {}
+            // Go's case folding also takes the long s for `s`.
+            'ſ' => flat.push('s'),
+            c => flat.extend(c.to_lowercase()),
+        }
+    }
+    flat.split('.')
+        .filter(|seg| !seg.is_empty() && !seg.bytes().all(|b| b.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// One occurrence of a field.
@@ -455,63 +649,114 @@ enum FieldValue {
 }
 
 impl FieldValue {
-    fn number(&self) -> Option<f64> {
+    /// The number it is, `Err(())` when servers may read it as a number differently (or
+    /// not at all): only plain decimals (`-12`, `3.50`) count as numbers in text, since
+    /// `500e-2` is 5 to some servers and 500 to others.
+    fn number(&self) -> Result<f64, ()> {
         let n = match self {
             FieldValue::Number(n) => *n,
-            // Plain decimal text only: `inf`, `NaN` and the like are not amounts.
             FieldValue::Text(t) => {
                 let t = t.trim();
-                if t.is_empty()
-                    || !t
-                        .chars()
-                        .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
-                {
-                    return None;
+                let digits = t.strip_prefix('-').unwrap_or(t);
+                let (int, frac) = digits.split_once('.').unwrap_or((digits, "0"));
+                let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                if !plain(int) || !plain(frac) {
+                    return Err(());
                 }
-                t.parse::<f64>().ok()?
+                t.parse::<f64>().map_err(|_| ())?
             }
-            _ => return None,
+            _ => return Err(()),
         };
-        n.is_finite().then_some(n)
+        if n.is_finite() {
+            Ok(n)
+        } else {
+            Err(())
+        }
     }
 
-    fn equals(&self, s: &Scalar) -> bool {
+    /// Whether it equals `s`; `None` when that depends on how a server reads it.
+    fn equals(&self, s: &Scalar) -> Option<bool> {
         match (s, self) {
-            (Scalar::Text(a), FieldValue::Text(b)) => a == b,
-            (Scalar::Number(a), v) => v.number().is_some_and(|b| b == *a),
-            (Scalar::Bool(a), FieldValue::Bool(b)) => a == b,
-            (Scalar::Bool(a), FieldValue::Text(t)) => t == if *a { "true" } else { "false" },
-            _ => false,
+            (Scalar::Text(a), FieldValue::Text(b)) => Some(a == b),
+            (Scalar::Number(a), v) => v.number().ok().map(|b| b == *a),
+            (Scalar::Bool(a), FieldValue::Bool(b)) => Some(a == b),
+            (Scalar::Bool(a), FieldValue::Text(t)) => match t.as_str() {
+                "true" => Some(*a),
+                "false" => Some(!*a),
+                _ => None,
+            },
+            (Scalar::Text(_) | Scalar::Bool(_), FieldValue::Number(_)) => Some(false),
+            (Scalar::Text(_), FieldValue::Bool(_)) => Some(false),
+            (_, FieldValue::Other) => Some(false),
         }
     }
 }
 
 impl FieldCondition {
-    fn holds(&self, values: &[FieldValue]) -> bool {
-        if values.is_empty() {
-            return self.present == Some(false);
+    /// Over every occurrence of the field; `unreadable` says the body may hold more.
+    fn holds(&self, values: &[FieldValue], unreadable: bool) -> Tri {
+        let t = if values.is_empty() {
+            Tri::of(self.present == Some(false), self.present == Some(false))
+        } else if self.present == Some(false) {
+            Tri::No
+        } else {
+            let verdicts: Vec<Option<bool>> = values.iter().map(|v| self.one(v)).collect();
+            Tri::of(
+                verdicts.iter().all(|v| *v == Some(true)),
+                verdicts.iter().any(|v| *v != Some(false)),
+            )
+        };
+        // A body chaperone cannot read may hold occurrences it did not see: whatever those
+        // seen say, some reading may go either way.
+        if unreadable {
+            Tri::Maybe
+        } else {
+            t
         }
-        if self.present == Some(false) {
-            return false;
+    }
+
+    /// One occurrence: `Some(holds)`, or `None` when it depends on the server.
+    fn one(&self, v: &FieldValue) -> Option<bool> {
+        let mut all = Some(true);
+        let mut and = |x: Option<bool>| {
+            all = match (all, x) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            }
+        };
+        if let Some(lo) = self.min {
+            and(v.number().ok().map(|n| n >= lo));
         }
-        values.iter().all(|v| {
-            self.min
-                .is_none_or(|lo| v.number().is_some_and(|n| n >= lo))
-                && self
-                    .max
-                    .is_none_or(|hi| v.number().is_some_and(|n| n <= hi))
-                && self.equals.as_ref().is_none_or(|e| v.equals(e))
-                && self
-                    .one_of
-                    .as_ref()
-                    .is_none_or(|set| set.iter().any(|e| v.equals(e)))
-        })
+        if let Some(hi) = self.max {
+            and(v.number().ok().map(|n| n <= hi));
+        }
+        if let Some(e) = &self.equals {
+            and(v.equals(e));
+        }
+        if let Some(set) = &self.one_of {
+            let each: Vec<Option<bool>> = set.iter().map(|e| v.equals(e)).collect();
+            and(if each.contains(&Some(true)) {
+                Some(true)
+            } else if each.iter().all(|x| *x == Some(false)) {
+                Some(false)
+            } else {
+                None
+            });
+        }
+        all
     }
 }
 
-/// Every occurrence of every field of a request, by name.
+/// Every occurrence of every field of a request: by folded name, and in body order with
+/// the names as sent (for people).
 #[derive(Debug, Default)]
-struct Fields(BTreeMap<String, Vec<FieldValue>>);
+struct Fields {
+    by_name: BTreeMap<String, Vec<FieldValue>>,
+    in_order: Vec<(String, FieldValue)>,
+    /// The body is there but is not form or JSON chaperone could read.
+    unreadable: bool,
+}
 
 impl Fields {
     fn of(req: &Subject<'_>) -> Fields {
@@ -519,32 +764,41 @@ impl Fields {
         for (k, v) in req.url.query_pairs() {
             f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
         }
-        match body_kind(req.content_type, req.body) {
-            BodyKind::Json => {
-                if let Ok(node) = serde_json::from_slice::<Node>(req.body) {
-                    node.flatten("", &mut f);
-                }
-            }
-            BodyKind::Form => {
-                for (k, v) in url::form_urlencoded::parse(req.body) {
-                    f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
-                }
-            }
-            BodyKind::Other => {}
-        }
+        f.read_body(content_type(req.headers), req.body);
         f
     }
 
-    fn push(&mut self, name: String, v: FieldValue) {
-        self.0.entry(name).or_default().push(v);
+    fn read_body(&mut self, content_type: Option<&str>, body: &[u8]) {
+        match body_kind(content_type, body) {
+            BodyKind::Json => match serde_json::from_slice::<Node>(body) {
+                Ok(node) => node.flatten("", self),
+                Err(_) => self.unreadable = true,
+            },
+            BodyKind::Form => {
+                for (k, v) in url::form_urlencoded::parse(body) {
+                    self.push(k.into_owned(), FieldValue::Text(v.into_owned()));
+                }
+            }
+            BodyKind::Other => self.unreadable = true,
+            BodyKind::Empty => {}
+        }
     }
 
-    fn get(&self, name: &str) -> &[FieldValue] {
-        self.0.get(name).map_or(&[], Vec::as_slice)
+    fn push(&mut self, name: String, v: FieldValue) {
+        self.by_name
+            .entry(fold_name(&name))
+            .or_default()
+            .push(v.clone());
+        self.in_order.push((name, v));
+    }
+
+    fn get(&self, folded: &str) -> &[FieldValue] {
+        self.by_name.get(folded).map_or(&[], Vec::as_slice)
     }
 }
 
 enum BodyKind {
+    Empty,
     Json,
     Form,
     Other,
@@ -554,7 +808,7 @@ enum BodyKind {
 /// else form pairs (reading more occurrences only ever makes conditions harder to meet).
 fn body_kind(content_type: Option<&str>, body: &[u8]) -> BodyKind {
     if body.is_empty() {
-        return BodyKind::Other;
+        return BodyKind::Empty;
     }
     let ct = content_type.unwrap_or("").to_ascii_lowercase();
     if ct.contains("json") {
@@ -742,69 +996,108 @@ impl Drop for Reservation {
     }
 }
 
-/// Field names and values of a body for a human deciding on it, at most `max_fields` of
-/// them, each value cut to 120 characters; `None` for a body that is not form or JSON.
+/// A body's fields as a human deciding on it sees them: the fields `first` names (the matched
+/// rule's) first, then the others in body order, at most `max_fields`, names and values cut to
+/// 120 characters, invisible and direction-changing characters shown as `\u{…}`. Returns
+/// them and how many fields the body has in all; `None` for a body that is not form or JSON.
 pub fn body_fields(
     content_type: Option<&str>,
     body: &[u8],
+    first: &[String],
     max_fields: usize,
-) -> Option<Vec<(String, String)>> {
+) -> Option<(Vec<(String, String)>, usize)> {
     let mut f = Fields::default();
-    match body_kind(content_type, body) {
-        BodyKind::Json => serde_json::from_slice::<Node>(body)
-            .ok()?
-            .flatten("", &mut f),
-        BodyKind::Form => {
-            for (k, v) in url::form_urlencoded::parse(body) {
-                f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
-            }
-        }
-        BodyKind::Other => return None,
+    f.read_body(content_type, body);
+    if f.unreadable {
+        return None;
     }
-    let cut = |s: String| {
-        if s.chars().count() > 120 {
-            s.chars().take(120).collect::<String>() + "…"
-        } else {
-            s
-        }
+    let first: Vec<String> = first.iter().map(|n| fold_name(n)).collect();
+    let total = f.in_order.len();
+    let (mut named, rest): (Vec<_>, Vec<_>) = f
+        .in_order
+        .into_iter()
+        .partition(|(k, _)| first.contains(&fold_name(k)));
+    named.extend(rest);
+    let shown = named
+        .into_iter()
+        .take(max_fields)
+        .map(|(k, v)| {
+            let text = match v {
+                FieldValue::Text(t) => t,
+                FieldValue::Number(n) => n.to_string(),
+                FieldValue::Bool(b) => b.to_string(),
+                FieldValue::Other => "(object or null)".to_string(),
+            };
+            (visible(&k), visible(&text))
+        })
+        .collect();
+    Some((shown, total))
+}
+
+/// `s` cut to 120 characters, with control, invisible and bidirectional-formatting characters
+/// written as `\u{…}` so that what a person reads is what the request holds.
+pub fn visible(s: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c,
+                '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}')
     };
-    Some(
-        f.0.into_iter()
-            .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)))
-            .filter_map(|(k, v)| {
-                let text = match v {
-                    FieldValue::Text(t) => t,
-                    FieldValue::Number(n) => n.to_string(),
-                    FieldValue::Bool(b) => b.to_string(),
-                    FieldValue::Other => return None,
-                };
-                Some((cut(k), cut(text)))
-            })
-            .take(max_fields)
-            .collect(),
-    )
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == 120 {
+            out.push('…');
+            break;
+        }
+        if hidden(c) {
+            out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Doc {
+        actions: Vec<ActionRule>,
+    }
+
     fn rules(toml_text: &str) -> ActionPolicy {
-        #[derive(Deserialize)]
-        struct Doc {
-            actions: Vec<ActionRule>,
-        }
         let d: Doc = toml::from_str(toml_text).unwrap();
         ActionPolicy::compile(&d.actions).unwrap()
     }
 
     fn error(toml_text: &str) -> RuleError {
-        #[derive(Deserialize)]
-        struct Doc {
-            actions: Vec<ActionRule>,
-        }
         let d: Doc = toml::from_str(toml_text).unwrap();
         ActionPolicy::compile(&d.actions).unwrap_err()
+    }
+
+    fn hit_with(
+        p: &ActionPolicy,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Option<(usize, bool)> {
+        let url = Url::parse(url).unwrap();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        p.first_match(&Subject {
+            method,
+            url: &url,
+            headers: &headers,
+            body: body.as_bytes(),
+        })
+        .map(|m| (m.index, m.certain))
     }
 
     fn hit(
@@ -814,14 +1107,8 @@ mod tests {
         ct: Option<&str>,
         body: &str,
     ) -> Option<usize> {
-        let url = Url::parse(url).unwrap();
-        p.first_match(&Subject {
-            method,
-            url: &url,
-            content_type: ct,
-            body: body.as_bytes(),
-        })
-        .map(|m| m.index)
+        let headers: Vec<(&str, &str)> = ct.map(|c| ("Content-Type", c)).into_iter().collect();
+        hit_with(p, method, url, &headers, body).map(|(i, _)| i)
     }
 
     const SHOP: &str = r#"
@@ -831,13 +1118,13 @@ mod tests {
           { match = { url = "*.shop.test/api/*/pay" }, decision = "approve", max_count = 2 },
         ]
     "#;
+    const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
 
     #[test]
     fn the_first_matching_rule_decides_and_no_match_allows() {
         let p = rules(SHOP);
-        let form = Some("application/x-www-form-urlencoded");
         assert_eq!(
-            hit(&p, "POST", "http://shop.test/checkout", form, "amount=40"),
+            hit(&p, "POST", "http://shop.test/checkout", FORM, "amount=40"),
             Some(0)
         );
         assert_eq!(
@@ -845,7 +1132,7 @@ mod tests {
                 &p,
                 "post",
                 "http://shop.test:8080/checkout/now",
-                form,
+                FORM,
                 "amount=100"
             ),
             Some(0)
@@ -855,14 +1142,14 @@ mod tests {
                 &p,
                 "POST",
                 "http://shop.test/checkout",
-                form,
+                FORM,
                 "amount=100.01"
             ),
             Some(1)
         );
         assert_eq!(hit(&p, "GET", "http://shop.test/checkout", None, ""), None);
         assert_eq!(
-            hit(&p, "POST", "http://shop.test/cart", form, "amount=1"),
+            hit(&p, "POST", "http://shop.test/cart", FORM, "amount=1"),
             None
         );
         assert_eq!(
@@ -875,7 +1162,7 @@ mod tests {
             None
         );
         assert_eq!(
-            hit(&p, "POST", "http://other.test/checkout", form, "amount=1"),
+            hit(&p, "POST", "http://other.test/checkout", FORM, "amount=1"),
             None
         );
     }
@@ -883,46 +1170,85 @@ mod tests {
     #[test]
     fn encoded_paths_and_hosts_do_not_slip_past() {
         let p = rules(SHOP);
-        let form = Some("application/x-www-form-urlencoded");
         for url in [
             "http://shop.test/check%6Fut",
             "http://shop.test//checkout",
             "http://SHOP.test./checkout",
             "http://shop.test/x/../checkout",
         ] {
-            assert_eq!(hit(&p, "POST", url, form, "amount=500"), Some(1), "{url}");
+            assert_eq!(
+                hit_with(
+                    &p,
+                    "POST",
+                    url,
+                    &[("content-type", "application/x-www-form-urlencoded")],
+                    "amount=500"
+                ),
+                Some((1, true)),
+                "{url}"
+            );
         }
+        // Spellings some servers route alike: deny and approve rules catch them, as a reading.
+        for url in [
+            "http://shop.test/CHECKOUT",
+            "http://shop.test/checkout;jsessionid=1",
+            "https://eu.shop.test/API/v2/pay/",
+            "https://eu.shop.test/api/v2/pay;x=1",
+        ] {
+            let got = hit_with(&p, "POST", url, &[], "amount=500");
+            assert!(matches!(got, Some((1 | 2, _))), "{url}: {got:?}");
+        }
+        // An allow rule never widens to them.
+        let allow = rules(
+            r#"actions = [
+            { match = { url = "shop.test/public*" }, decision = "allow", max_count = 1 },
+            { match = {}, decision = "deny" },
+        ]"#,
+        );
+        assert_eq!(
+            hit_with(&allow, "GET", "http://shop.test/PUBLIC", &[], ""),
+            Some((1, true))
+        );
+        assert_eq!(
+            hit_with(&allow, "GET", "http://shop.test/public/x", &[], ""),
+            Some((0, true))
+        );
     }
 
     #[test]
-    fn a_condition_holds_only_for_every_occurrence() {
+    fn every_reading_is_decided_and_the_strictest_wins() {
         let p = rules(SHOP);
-        let form = Some("application/x-www-form-urlencoded");
         let json = Some("application/json");
         let u = "http://shop.test/checkout";
-        // Repeated pairs, a query parameter besides the body, duplicate JSON keys, arrays.
-        assert_eq!(hit(&p, "POST", u, form, "amount=5&amount=500"), Some(1));
+        // Repeated pairs, a query parameter besides the body, duplicate JSON keys, arrays,
+        // names servers fold together: one reading over the limit means the order is denied.
+        for (ct, body) in [
+            (FORM, "amount=5&amount=500"),
+            (FORM, "amount=5&AMOUNT=500"),
+            (FORM, "amount=5&amount[]=500"),
+            (json, r#"{"amount": 5, "amount": 500}"#),
+            (json, r#"{"amount": 5, "Amount": 500}"#),
+            (json, r#"{"amount": [5, 500]}"#),
+        ] {
+            assert_eq!(hit(&p, "POST", u, ct, body), Some(1), "{body}");
+        }
         assert_eq!(
-            hit(&p, "POST", &format!("{u}?amount=500"), form, "amount=5"),
+            hit(&p, "POST", &format!("{u}?amount=500"), FORM, "amount=5"),
             Some(1)
         );
-        assert_eq!(
-            hit(&p, "POST", u, json, r#"{"amount": 5, "amount": 500}"#),
-            Some(1)
-        );
-        assert_eq!(hit(&p, "POST", u, json, r#"{"amount": [5, 500]}"#), Some(1));
         assert_eq!(hit(&p, "POST", u, json, r#"{"amount": [5, 50]}"#), Some(0));
         assert_eq!(hit(&p, "POST", u, json, r#"{"amount": "42"}"#), Some(0));
-        // Not shown to hold: absent, not a number, an unread body.
-        assert_eq!(hit(&p, "POST", u, form, "total=5"), Some(1));
+        // Not shown to hold: absent, not a plain number, a body that cannot be read.
+        assert_eq!(hit(&p, "POST", u, FORM, "total=5"), Some(1));
         for odd in [
             "amount=inf",
             "amount=NaN",
             "amount=0x10",
+            "amount=500e-2",
             "amount=1e999",
             "amount=",
         ] {
-            assert_eq!(hit(&p, "POST", u, form, odd), Some(1), "{odd}");
+            assert_eq!(hit(&p, "POST", u, FORM, odd), Some(1), "{odd}");
         }
         assert_eq!(
             hit(
@@ -934,12 +1260,82 @@ mod tests {
             ),
             Some(1)
         );
+        assert_eq!(hit(&p, "POST", u, json, r#"{"amount": 5,}"#), Some(1));
         // Without a type: JSON when it looks like it, else form pairs.
         assert_eq!(
             hit(&p, "POST", u, Some("text/plain"), r#"{"amount": 7}"#),
             Some(0)
         );
         assert_eq!(hit(&p, "POST", u, None, "amount=7"), Some(0));
+
+        // A rule that asks about big orders, with nothing after it: a reading that is a big
+        // order is enough to ask, and so is a body that cannot be read.
+        let big = rules(
+            r#"actions = [
+            { match = { method = "POST", fields = { amount = { min = 1000 } } }, decision = "approve" },
+        ]"#,
+        );
+        assert_eq!(
+            hit_with(&big, "POST", u, &[], "amount=5&AMOUNT=5000"),
+            Some((0, false))
+        );
+        assert_eq!(
+            hit_with(
+                &big,
+                "POST",
+                u,
+                &[("Content-Type", "multipart/form-data")],
+                "x"
+            ),
+            Some((0, false))
+        );
+        assert_eq!(
+            hit_with(&big, "POST", u, &[], "amount=5000"),
+            Some((0, true))
+        );
+        assert_eq!(hit_with(&big, "POST", u, &[], "amount=5"), None);
+    }
+
+    #[test]
+    fn method_overrides_are_readings_of_the_method() {
+        let p = rules(
+            r#"actions = [
+            { match = { method = "DELETE", url = "shop.test/account*" }, decision = "deny" },
+            { match = { method = "POST", url = "shop.test/account*" }, decision = "allow" },
+        ]"#,
+        );
+        let u = "http://shop.test/account/1";
+        assert_eq!(hit_with(&p, "POST", u, &[], "x=1"), Some((1, true)));
+        assert_eq!(
+            hit_with(&p, "POST", u, &[], "_method=DELETE"),
+            Some((0, false))
+        );
+        assert_eq!(
+            hit_with(&p, "POST", &format!("{u}?_method=delete"), &[], ""),
+            Some((0, false))
+        );
+        for h in [
+            "X-HTTP-Method-Override",
+            "X-HTTP-Method",
+            "X-Method-Override",
+        ] {
+            assert_eq!(
+                hit_with(&p, "POST", u, &[(h, "DELETE")], ""),
+                Some((0, false)),
+                "{h}"
+            );
+        }
+        // The allow rule only holds when every reading is a POST.
+        let allow_only = rules(
+            r#"actions = [
+            { match = { method = "POST" }, decision = "allow", max_count = 5 },
+            { match = {}, decision = "deny" },
+        ]"#,
+        );
+        assert_eq!(
+            hit_with(&allow_only, "POST", u, &[("X-HTTP-Method", "PUT")], ""),
+            Some((1, true))
+        );
     }
 
     #[test]
@@ -961,6 +1357,10 @@ mod tests {
                 json,
                 r#"{"order":{"total":5},"currency":"EUR"}"#
             ),
+            Some(0)
+        );
+        assert_eq!(
+            hit(&p, "POST", u, FORM, "order[total]=5&currency=USD"),
             Some(0)
         );
         assert_eq!(
@@ -995,7 +1395,14 @@ mod tests {
         );
         assert_eq!(hit(&p, "POST", u, json, r#"{"express":true}"#), Some(1));
         assert_eq!(hit(&p, "POST", u, None, "express=true"), Some(1));
-        assert_eq!(hit(&p, "POST", u, None, "express=yes"), Some(2));
+        assert_eq!(hit(&p, "POST", u, None, "express=false"), Some(2));
+        // "yes" is true to some servers: that reading is denied.
+        assert_eq!(hit(&p, "POST", u, None, "express=yes"), Some(1));
+        // PHP reads `order.total` as `order_total`: one field.
+        assert_eq!(
+            hit(&p, "POST", u, FORM, "order_total=50&currency=EUR"),
+            Some(2)
+        );
     }
 
     #[test]
@@ -1053,16 +1460,23 @@ mod tests {
                 r#"actions = [{ match = { fields = { a = { one_of = [] } } }, decision = "deny" }]"#,
                 "actions[0].match.fields.a.one_of",
             ),
+            (
+                r#"actions = [{ match = { fields = { "[]" = { max = 1 } } }, decision = "deny" }]"#,
+                "actions[0].match.fields.[]",
+            ),
+            (
+                r#"actions = [{ match = { fields = { amount = { max = 1 }, AMOUNT = { max = 2 } } }, decision = "deny" }]"#,
+                "actions[0].match.fields.amount",
+            ),
         ];
         for (text, field) in cases {
-            assert_eq!(error(text).field, field, "{text}");
+            let e = error(text);
+            assert!(
+                e.field == field || (field.ends_with("amount") && e.field.ends_with("AMOUNT")),
+                "{text}: {e:?}"
+            );
         }
         // Unknown keys are refused by the types themselves.
-        #[derive(Deserialize, Debug)]
-        #[allow(dead_code)]
-        struct Doc {
-            actions: Vec<ActionRule>,
-        }
         assert!(toml::from_str::<Doc>(
             r#"actions = [{ match = { path = "/x" }, decision = "deny" }]"#
         )
@@ -1097,20 +1511,32 @@ mod tests {
     }
 
     #[test]
-    fn body_fields_for_humans_are_bounded() {
-        let f = body_fields(
+    fn what_a_human_sees_of_a_body() {
+        let (f, total) = body_fields(
             Some("application/json"),
-            br#"{"amount": 40, "note": "hi"}"#,
+            br#"{"note": "hi", "amount": 40}"#,
+            &[],
             10,
         )
         .unwrap();
         assert_eq!(
             f,
-            vec![("amount".into(), "40".into()), ("note".into(), "hi".into())]
+            vec![("note".into(), "hi".into()), ("amount".into(), "40".into())]
         );
+        assert_eq!(total, 2);
+        // Padding cannot push the rule's own fields out of view.
+        let mut padded: String = (0..40).map(|i| format!("a{i:02}=x&")).collect();
+        padded.push_str("amount=500");
+        let (f, total) = body_fields(None, padded.as_bytes(), &["amount".into()], 32).unwrap();
+        assert_eq!(f[0], ("amount".into(), "500".into()));
+        assert_eq!((f.len(), total), (32, 41));
         let long = format!("a={}", "x".repeat(500));
-        let f = body_fields(None, long.as_bytes(), 10).unwrap();
+        let (f, _) = body_fields(None, long.as_bytes(), &[], 10).unwrap();
         assert_eq!(f[0].1.chars().count(), 121);
-        assert!(body_fields(Some("multipart/form-data"), b"--x", 10).is_none());
+        assert!(body_fields(Some("multipart/form-data"), b"--x", &[], 10).is_none());
+        assert_eq!(
+            visible("pay\u{202e}001\u{200b}"),
+            "pay\\u{202e}001\\u{200b}"
+        );
     }
 }

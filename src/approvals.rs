@@ -41,8 +41,16 @@ pub struct Approval {
     pub agent: String,
     /// HTTP method.
     pub method: String,
-    /// The URL, held values cut out.
+    /// The URL, held values cut out, at most 2 KiB of it.
     pub url: String,
+    /// How long the whole URL is, in bytes.
+    pub url_bytes: usize,
+    /// Where the request comes from: the origin of its `Origin` or `Referer` header, or
+    /// empty when it has neither.
+    pub initiator: String,
+    /// The just-in-time credential (`on_approval`) that rides on the request if it is
+    /// approved.
+    pub credential: Option<String>,
     /// The rule that matched: `index`, `decision`, `match`, `max_count`.
     pub rule: Value,
     /// `content_type`, `bytes`, and `fields` (name/value pairs of a form or JSON body) or
@@ -318,6 +326,9 @@ mod tests {
             agent: "a".into(),
             method: "POST".into(),
             url: "http://shop.test/checkout".into(),
+            url_bytes: 25,
+            initiator: String::new(),
+            credential: None,
             rule: json!({"index": 0}),
             body: json!({}),
             requested_at: at.into(),

@@ -415,6 +415,21 @@ async fn run(
     let mandate = mandate
         .validate(OffsetDateTime::now_utc(), cfg.limits.max_ttl.as_secs())
         .map_err(|e| anyhow::anyhow!("mandate.{e}"))?;
+    // The command runs as the user who owns this private supervisor's control API: it could
+    // approve its own requests. Step-up approval needs `serve`, with operators apart.
+    if let Some(i) = mandate
+        .source
+        .actions
+        .iter()
+        .position(|r| r.decision == crate::actions::ActionDecision::Approve)
+    {
+        bail!(
+            "mandate.actions[{i}]: `decision = \"approve\"` needs a human apart from the agent, \
+             but `chaperone run` hands its command the supervisor's own control API, so the \
+             command could approve itself; use `deny`, or `chaperone serve` with \
+             `chaperone session start` for step-up approval"
+        );
+    }
     // Ctrl-C must purge from the first moment on, during the launch too: without a handler
     // the signal would kill this process with the browser still starting.
     use tokio::signal::unix::{signal, SignalKind};

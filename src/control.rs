@@ -290,7 +290,28 @@ async fn decide_approval(
             )
         }
     };
-    let approvals = ctl.reg.approvals();
+    // On its own task: a client that goes away while the decision is recorded must not
+    // leave it half applied (recorded, but its request neither sent nor failed).
+    let reg = ctl.reg.clone();
+    tokio::spawn(apply_decision(reg, id, verdict, by, d.decision))
+        .await
+        .unwrap_or_else(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("deciding the approval failed: {e}"),
+            )
+        })
+}
+
+/// Takes approval `id` off the pending list, records the decision durably, then delivers it.
+async fn apply_decision(
+    reg: Arc<Registry>,
+    id: String,
+    verdict: crate::approvals::Verdict,
+    by: String,
+    decision: String,
+) -> Response {
+    let approvals = reg.approvals();
     let taken = match approvals.take(&id) {
         Ok(t) => t,
         Err(e @ crate::approvals::NotPending::Unknown(_)) => {
@@ -303,8 +324,7 @@ async fn decide_approval(
         crate::approvals::Verdict::Approved { .. } => "action.approved",
         crate::approvals::Verdict::Denied { .. } => "action.denied",
     };
-    let recorded = ctl
-        .reg
+    let recorded = reg
         .audit()
         .record(
             event,
@@ -327,7 +347,7 @@ async fn decide_approval(
             format!("approval `{id}`: its session ended before the decision arrived"),
         );
     }
-    Json(json!({"approval": view, "decision": d.decision, "by": by})).into_response()
+    Json(json!({"approval": view, "decision": decision, "by": by})).into_response()
 }
 
 /// `POST /v1/agent-keys` `{"label": "…"}`: 201 with `id`, `label`, `created_at` and `key`, the

@@ -776,12 +776,21 @@ fn validate_actions(
             ))
         }
     };
-    if let Some(i) = m.credentials.iter().position(|c| c.on_approval) {
-        if !policy.asks_humans() {
+    for (i, c) in m
+        .credentials
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.on_approval)
+    {
+        let site = c.site.trim().trim_end_matches('.').to_ascii_lowercase();
+        if !policy.may_ask_about(&site) && !policy.may_ask_about(&format!("www.{site}")) {
             return Err(MandateError::new(
                 format!("credentials[{i}].on_approval"),
-                "the credential rides only on approved requests, but no `actions` rule has \
-                 `decision = \"approve\"`: it would never be used",
+                format!(
+                    "the credential rides only on approved requests, but no `actions` rule with \
+                     `decision = \"approve\"` matches `{site}` or a host below it: it would \
+                     never be used"
+                ),
             ));
         }
     }

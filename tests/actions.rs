@@ -95,8 +95,12 @@ fn an_approved_checkout_is_sent_once_and_the_agent_sees_nothing_of_the_approval(
         assert_eq!(a["rule"]["decision"], "approve");
         assert_eq!(
             a["body"]["fields"],
-            json!([{"name": "amount", "value": "40"}, {"name": "item", "value": "book"}])
+            json!([{"name": "item", "value": "book"}, {"name": "amount", "value": "40"}])
         );
+        assert_eq!(a["body"]["fields_total"], 2);
+        assert_eq!(a["body"]["truncated"], false);
+        assert_eq!(a["initiator"], shop.url().trim_end_matches('/'));
+        assert!(a["credential"].is_null());
         let approval = a["id"].as_str().unwrap().to_string();
 
         // The agent, meanwhile, polls: the order is still pending, no order reached the shop,
@@ -322,6 +326,8 @@ fn a_just_in_time_credential_rides_only_on_the_approved_order_and_no_secret_leak
     });
     let list = pending(&sup, 1);
     let approval = list[0]["id"].as_str().unwrap().to_string();
+    // The human is told which credential rides on the request if approved.
+    assert_eq!(list[0]["credential"], "pay");
     // The shop saw the browsing so far, without the credential.
     assert!(shop.orders().is_empty());
     let (status, body) = decide(&sup, &approval, "approve", "dana");
@@ -530,8 +536,11 @@ fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_web
         hook.port()
     ));
     let mut m = shop_mandate(checkout_needs_approval());
+    // An ordinary credential of the shop: its value may go to the shop, so the request is not
+    // a leak, and it reaches the human's view unless that view cuts it out. (A just-in-time
+    // credential's value planted like this is a leak of its own: see the broker's tests.)
     m["credentials"] = json!([{
-        "id": "pay", "site": "shop.test", "on_approval": true,
+        "id": "pay", "site": "shop.test",
         "headers": { "X-Pay-Token": PAY_TOKEN },
     }]);
     let s = sup.session(&m);
@@ -586,4 +595,28 @@ fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_web
         assert!(!text.contains(&b64), "{what} holds the value in base64");
     }
     assert!(shop.orders().is_empty());
+}
+
+#[test]
+fn chaperone_run_refuses_step_up_approval_it_could_not_keep_from_its_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "agent = \"ci\"\nttl_secs = 60\nactions = [{ match = { method = \"POST\" }, decision = \"approve\" }]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["run", "--profile"])
+        .arg(&profile)
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.jsonl"))
+        .args(["--", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mandate.actions[0]"), "{err}");
+    assert!(err.contains("chaperone serve"), "{err}");
 }

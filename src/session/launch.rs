@@ -300,6 +300,9 @@ const REFUSALS: &[&str] = &[
     "credential.exfiltration_blocked",
     "credential.scope_escalation_blocked",
     "credential.refresh_rejected",
+    // Requests an action rule, a spent budget or the pending limit refused (a human's denial
+    // is not the agent's misbehaviour and is not counted).
+    "action.denied",
 ];
 
 /// Audits the broker's decisions and ends the session when it catches a leak.
@@ -408,7 +411,16 @@ async fn ask(
     reg.metrics.approvals_pending.inc();
     let mut deadline = tokio::time::Instant::now() + timeout;
     let asked = loop {
-        match tokio::time::timeout_at(deadline, &mut rx).await {
+        // The session's end cancels its approvals; a wait that began as it ended stops here.
+        if session.ending.is_cancelled() {
+            reg.approvals.cancel_session(&session.id);
+            break Asked::Cancelled;
+        }
+        let waited = tokio::select! {
+            w = tokio::time::timeout_at(deadline, &mut rx) => w,
+            _ = session.ending.cancelled() => continue,
+        };
+        match waited {
             Ok(Ok(Verdict::Approved { by })) => break Asked::Approved(by),
             Ok(Ok(Verdict::Denied { by })) => break Asked::Denied(by),
             Ok(Err(_)) => break Asked::Cancelled,
