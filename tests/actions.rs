@@ -254,6 +254,10 @@ fn field_conditions_and_budgets_decide_without_asking_anyone() {
     });
     assert!(shop.orders().is_empty());
     assert_eq!(shop.posts("/cart").len(), 2);
+    // Records of refusals are written behind the request's failure: wait for the last one.
+    sup.wait_audit("the budget's denial", |r| {
+        r["event"] == "action.denied" && r["decided_by"] == "budget"
+    });
     assert!(
         sup.events("action.approval_requested").is_empty(),
         "a human was asked"
@@ -378,13 +382,10 @@ fn a_just_in_time_credential_rides_only_on_the_approved_order_and_no_secret_leak
     assert_eq!(note["approval"]["id"], approval.as_str());
     assert_eq!(note["approval"]["agent"], "test-agent");
 
-    let withheld = sup.events("credential.withheld");
-    assert!(
-        withheld
-            .iter()
-            .any(|r| r["reason"].as_str().unwrap_or("").contains("on_approval")),
-        "{withheld:?}"
-    );
+    sup.wait_audit("the credential withheld from browsing", |r| {
+        r["event"] == "credential.withheld"
+            && r["reason"].as_str().unwrap_or("").contains("on_approval")
+    });
     // No secret in the webhook, the approvals API, the audit log, the agent's CDP traffic, or
     // the supervisor's own output.
     let everywhere = [
