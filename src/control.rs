@@ -4,7 +4,8 @@
 //! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `PATCH /v1/sessions/{id}`
 //! (change the live mandate, see [`crate::session::patch`]); `DELETE /v1/sessions/{id}`
 //! (revoke, answers once purged); `POST /v1/sessions/{id}/resume-ticket` (a resume ticket for
-//! a dropped agent); `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys;
+//! a dropped agent); `GET /v1/sessions/{id}/posture` (check the session's integrity now);
+//! `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys;
 //! revoking one ends its sessions); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's
 //! audit records); `GET /healthz`; `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
@@ -41,6 +42,7 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
         .route("/v1/sessions", get(list).post(create))
         .route("/v1/sessions/{id}", get(show).delete(revoke).patch(change))
         .route("/v1/sessions/{id}/resume-ticket", post(resume_ticket))
+        .route("/v1/sessions/{id}/posture", get(posture))
         .route("/v1/agent-keys", get(list_keys).post(issue_key))
         .route("/v1/agent-keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/audit", get(audit))
@@ -173,6 +175,23 @@ async fn revoke(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
     match ctl.reg.revoke(&id).await {
         Ok(s) => Json(s.view(ctl.reg.urls())).into_response(),
         Err(e) => registry_error(e),
+    }
+}
+
+/// `GET /v1/sessions/{id}/posture`: checks the session's posture now (see
+/// [`crate::session::posture`]) and answers `{"session", "checked_at", "ok", "processes",
+/// "took_ms", "drift": [{"check", "pid", "command", "detail"}]}`. Drift found here revokes the
+/// session as a periodic check would. `404` unknown session, `409` not active or detached.
+async fn posture(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    let Some(s) = ctl.reg.get(&id) else {
+        return registry_error(RegistryError::NotFound(id));
+    };
+    match ctl.reg.check_posture(&s).await {
+        Ok(report) => Json(report.to_json(&s.id)).into_response(),
+        Err(e @ crate::session::posture::PostureError::NotLive(..)) => {
+            error(StatusCode::CONFLICT, e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
