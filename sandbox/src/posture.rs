@@ -201,20 +201,30 @@ pub fn stat_of(pid: i32) -> io::Result<Stat> {
 /// How long ago a process with `start_time` (clock ticks after boot, see [`Stat`]) started.
 /// `None` if the clock cannot be read.
 pub fn age_of(start_time: u64) -> Option<Duration> {
+    Some(uptime()?.saturating_sub(since_boot(start_time)?))
+}
+
+/// When a process with `start_time` started, counted from boot.
+pub fn since_boot(start_time: u64) -> Option<Duration> {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .filter(|t| *t > 0)? as u64;
-    // The kernel counts start times on the boot-time clock, as /proc/uptime does.
-    let uptime: f64 = fs::read_to_string("/proc/uptime")
+    Some(
+        Duration::from_secs(start_time / ticks)
+            + Duration::from_nanos((start_time % ticks) * 1_000_000_000 / ticks),
+    )
+}
+
+/// Time since boot on the clock process start times are counted on (`/proc/uptime`).
+pub fn uptime() -> Option<Duration> {
+    let secs: f64 = fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()
         .next()?
         .parse()
         .ok()?;
-    let started = Duration::from_secs(start_time / ticks)
-        + Duration::from_nanos((start_time % ticks) * 1_000_000_000 / ticks);
-    Some(Duration::from_secs_f64(uptime.max(0.0)).saturating_sub(started))
+    Some(Duration::from_secs_f64(secs.max(0.0)))
 }
 
 /// One line of `/proc/PID/cgroup`: `hierarchy-id:controllers:path`.

@@ -52,8 +52,9 @@
 //! - `unexpected_process`: the parent chain leads to the session's init.
 //! - `cgroup`: the process's cgroup lines are the init's, which hold the session's cgroups.
 //! - `mandate`: the mandate still holds under the current policy (deadline, window,
-//!   validation under today's limits, agent key, held credentials; see
-//!   `Registry::mandate_holds`).
+//!   validation under today's limits, agent key, held credentials; the checks a resumption
+//!   makes). A passed deadline or closed window ends the session as the lifecycle's clocks
+//!   do (`expired`, `window_ended`); the rest is drift.
 //!
 //! A process that vanishes mid-scan (or whose pid is recycled while it is read) is skipped:
 //! a vanished `/proc` entry says nothing about the session's posture.
@@ -372,7 +373,7 @@ struct Observed {
 
 impl Observed {
     /// Reads a process; `None` when it vanished (or its pid was recycled) while being read.
-    fn read(pid: i32, base: &Baseline) -> Option<Observed> {
+    fn read(pid: i32, base: &Baseline, uptime: Option<Duration>) -> Option<Observed> {
         let st = kernel::stat_of(pid).ok()?;
         if st.is_gone() {
             return None;
@@ -407,7 +408,9 @@ impl Observed {
             cgroups,
             exe,
             kind,
-            age: kernel::age_of(st.start_time),
+            age: uptime
+                .zip(kernel::since_boot(st.start_time))
+                .map(|(up, at)| up.saturating_sub(at)),
         })
     }
 
@@ -490,9 +493,11 @@ impl Monitor {
         pids.extend(self.outsiders());
         pids.sort_unstable();
         pids.dedup();
+        // Read before any process: a process that starts later looks younger, never older.
+        let uptime = kernel::uptime();
         let observed: Vec<Observed> = pids
             .into_iter()
-            .filter_map(|p| Observed::read(p, &self.base))
+            .filter_map(|p| Observed::read(p, &self.base, uptime))
             .collect();
         let mut report = Report {
             checked_at,
@@ -504,10 +509,11 @@ impl Monitor {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let sandboxed = self.learn_kinds(&observed);
         let mut now_seen = HashMap::with_capacity(observed.len());
+        let mut chains = HashMap::new();
         for p in &observed {
             let before = seen.get(&p.id).filter(|s| s.user_ns == p.user_ns).copied();
             let sandboxed_kind = p.kind.as_ref().is_some_and(|k| sandboxed.contains(k));
-            self.judge(p, before, sandboxed_kind, &mut report);
+            self.judge(p, before, sandboxed_kind, &mut chains, &mut report);
             now_seen.insert(
                 p.id,
                 Seen {
@@ -542,7 +548,14 @@ impl Monitor {
             .collect()
     }
 
-    fn judge(&self, p: &Observed, before: Option<Seen>, sandboxed_kind: bool, report: &mut Report) {
+    fn judge(
+        &self,
+        p: &Observed,
+        before: Option<Seen>,
+        sandboxed_kind: bool,
+        chains: &mut HashMap<i32, bool>,
+        report: &mut Report,
+    ) {
         let base = &self.base;
         let is_launcher = p.id == base.launcher;
         let is_init = p.id == base.init;
@@ -712,7 +725,7 @@ impl Monitor {
 
         // unexpected_process
         if !is_launcher && !is_init {
-            if let Some(false) = self.leads_to_init(p.id.pid) {
+            if let Some(false) = self.leads_to_init(p.id.pid, chains) {
                 drift(
                     Check::UnexpectedProcess,
                     format!(
@@ -738,18 +751,22 @@ impl Monitor {
 
     /// Whether `pid`'s parent chain leads to the session's init; `None` when `pid` vanished.
     /// An ancestor that exits mid-walk re-parents its children, so the walk starts over.
-    fn leads_to_init(&self, pid: i32) -> Option<bool> {
+    /// `known` holds the pids of this scan already found to lead there.
+    fn leads_to_init(&self, pid: i32, known: &mut HashMap<i32, bool>) -> Option<bool> {
         let init = self.base.init.pid;
         'attempt: for _ in 0..3 {
             let mut cur = pid;
+            let mut path = Vec::new();
             // Deeper than any process tree Chromium builds; only guards against loops.
             for _ in 0..64 {
-                if cur == init {
+                if cur == init || known.get(&cur) == Some(&true) {
+                    known.extend(path.into_iter().map(|p| (p, true)));
                     return Some(true);
                 }
                 if cur <= 1 {
                     return Some(false);
                 }
+                path.push(cur);
                 match kernel::stat_of(cur) {
                     Ok(s) => cur = s.ppid,
                     Err(_) if cur == pid => return None,
@@ -811,8 +828,9 @@ pub enum PostureError {
 impl Registry {
     /// Checks the posture of `s` now: its processes against the baseline and the mandate under
     /// the current policy. On drift (the first time only), `session.posture_drift` is recorded
-    /// durably, then the session is asked to end (`revoked`, trigger `posture`; `expired` or
-    /// `window_ended` when all that drifted is the mandate's clock).
+    /// durably, then the session is asked to end (`revoked`, trigger `posture`). When all that
+    /// failed is the mandate's deadline or window, the session ends as its clocks would have
+    /// ended it (`expired`, `window_ended`), without a drift record.
     pub async fn check_posture(&self, s: &Arc<Session>) -> Result<Report, PostureError> {
         let monitor = match (s.is_running(), s.posture()) {
             (true, Some(m)) => m,
@@ -832,7 +850,24 @@ impl Registry {
             report.mandate_field = Some(field);
         }
         self.metrics.posture_checks.inc();
-        if report.ok() || !s.is_running() || !monitor.first_report() {
+        if report.ok() || !s.is_running() {
+            return Ok(report);
+        }
+        // The mandate's own clocks end the session as they always do (this check only raced
+        // the lifecycle's timer to it): `expired` or `window_ended`, not a posture drift.
+        let only_mandate = report.drift.iter().all(|d| d.check == Check::Mandate);
+        match report.mandate_field.as_deref() {
+            Some("not_after") if only_mandate => {
+                s.request_end(EndReason::Expired);
+                return Ok(report);
+            }
+            Some("window") if only_mandate => {
+                s.request_end(EndReason::WindowEnded);
+                return Ok(report);
+            }
+            _ => {}
+        }
+        if !monitor.first_report() {
             return Ok(report);
         }
         for c in report.checks() {
@@ -864,14 +899,8 @@ impl Registry {
             // The session ends regardless: drift is not tolerated because the log is full.
             tracing::error!(session = %s.id, error = %e, "could not record session.posture_drift");
         }
-        let only_clock = report.drift.iter().all(|d| d.check == Check::Mandate);
-        let reason = match report.mandate_field.as_deref() {
-            Some("not_after") if only_clock => EndReason::Expired,
-            Some("window") if only_clock => EndReason::WindowEnded,
-            _ => EndReason::Revoked,
-        };
         s.request_end_by(
-            reason,
+            EndReason::Revoked,
             "posture",
             json!({ "checks": checks, "pids": report.pids() }),
         );
@@ -938,5 +967,293 @@ mod tests {
         for c in [Check::NoNewPrivs, Check::UnexpectedProcess] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.name());
         }
+    }
+
+    const UID: u32 = 1_500_000;
+    const SYS_ADMIN: u64 = 1 << 21;
+    const NET_ADMIN: u64 = 1 << 12;
+    const FULL: u64 = 0x1ff_ffff_ffff;
+    const SESSION_CGROUPS: &str =
+        "8:pids:/chaperone/chaperone-x\n4:memory:/chaperone/chaperone-x\n0::/\n";
+
+    /// A baseline whose init is this test process's parent, so that this process's parent
+    /// chain leads to it (or, with `init` given, to that pid).
+    fn monitor(init: Option<i32>) -> Monitor {
+        let parent = std::os::unix::process::parent_id() as i32;
+        let init_pid = init.unwrap_or(parent);
+        Monitor::new(Baseline {
+            init: Ident {
+                pid: init_pid,
+                start: kernel::stat_of(init_pid).map_or(0, |s| s.start_time),
+            },
+            launcher: Ident {
+                pid: 999_999_999,
+                start: 7,
+            },
+            ns: sandbox::NsIds {
+                user: 1,
+                pid: 2,
+                net: 3,
+                mnt: 4,
+            },
+            ipc: 5,
+            uts: 6,
+            _pins: Vec::new(),
+            uid: [UID; 4],
+            gid: [UID; 4],
+            cgroups: kernel::parse_cgroup(SESSION_CGROUPS),
+            launcher_exe: "/opt/chaperone".into(),
+            init_exe: "/opt/chaperone".into(),
+            browser_dir: "/usr/lib/chromium".into(),
+            processes: 0,
+        })
+    }
+
+    /// This test process dressed as a settled renderer: one user namespace below the
+    /// session's, in a network namespace of Chromium's own, under seccomp, no capabilities.
+    fn renderer() -> Observed {
+        let me = std::process::id() as i32;
+        Observed {
+            id: Ident {
+                pid: me,
+                start: kernel::stat_of(me).unwrap().start_time,
+            },
+            comm: "chromium".into(),
+            status: Status {
+                uid: [UID; 4],
+                gid: [UID; 4],
+                cap_inh: 0,
+                cap_prm: 0,
+                cap_eff: 0,
+                cap_bnd: FULL,
+                cap_amb: 0,
+                no_new_privs: true,
+                seccomp: 2,
+            },
+            user_ns: 100,
+            depth: Some(1),
+            pid_ns_within: true,
+            shared: [
+                ("net", Some(77)),
+                ("mnt", Some(4)),
+                ("ipc", Some(5)),
+                ("uts", Some(6)),
+            ],
+            net_owner_depth: Some(1),
+            cgroups: kernel::parse_cgroup(SESSION_CGROUPS),
+            exe: Some("/usr/lib/chromium/chromium".into()),
+            kind: Some("renderer".into()),
+            age: Some(Duration::from_secs(10)),
+        }
+    }
+
+    /// A process of the session's own user namespace (the browser, its network service...).
+    fn browser() -> Observed {
+        let mut p = renderer();
+        p.depth = Some(0);
+        p.user_ns = 1;
+        p.shared[0].1 = Some(3);
+        p.net_owner_depth = Some(0);
+        p.status.cap_bnd = 0;
+        p.status.seccomp = 0;
+        p.kind = None;
+        p
+    }
+
+    fn checks(m: &Monitor, p: &Observed, before: Option<Seen>) -> Vec<&'static str> {
+        let sandboxed = m
+            .learn_kinds(std::slice::from_ref(p))
+            .contains(p.kind.as_deref().unwrap_or(""));
+        let mut r = Report {
+            checked_at: OffsetDateTime::UNIX_EPOCH,
+            processes: 1,
+            drift: Vec::new(),
+            took: Duration::ZERO,
+            mandate_field: None,
+        };
+        m.judge(p, before, sandboxed, &mut HashMap::new(), &mut r);
+        r.checks()
+    }
+
+    #[test]
+    fn chromium_as_measured_does_not_drift() {
+        let m = monitor(None);
+        assert_eq!(checks(&m, &renderer(), None), Vec::<&str>::new());
+        assert_eq!(checks(&m, &browser(), None), Vec::<&str>::new());
+        // The sandboxed zygote keeps CAP_SYS_ADMIN in Chromium's own user namespace.
+        let mut zygote = renderer();
+        zygote.kind = Some("zygote".into());
+        (
+            zygote.status.cap_eff,
+            zygote.status.cap_prm,
+            zygote.status.seccomp,
+        ) = (SYS_ADMIN, SYS_ADMIN, 0);
+        assert_eq!(checks(&m, &zygote, None), Vec::<&str>::new());
+        // A renderer fresh from the zygote has not yet dropped its capability nor loaded its
+        // seccomp filter.
+        let mut fresh = zygote.clone_as("renderer");
+        fresh.age = Some(Duration::from_millis(30));
+        assert_eq!(checks(&m, &fresh, None), Vec::<&str>::new());
+        // An exiting process shows no executable and no command line.
+        let mut exiting = renderer();
+        (exiting.exe, exiting.kind) = (None, None);
+        assert_eq!(checks(&m, &exiting, None), Vec::<&str>::new());
+    }
+
+    impl Observed {
+        fn clone_as(&self, kind: &str) -> Observed {
+            Observed {
+                id: self.id,
+                comm: self.comm.clone(),
+                status: self.status.clone(),
+                user_ns: self.user_ns,
+                depth: self.depth,
+                pid_ns_within: self.pid_ns_within,
+                shared: self.shared,
+                net_owner_depth: self.net_owner_depth,
+                cgroups: self.cgroups.clone(),
+                exe: self.exe.clone(),
+                kind: Some(kind.into()),
+                age: self.age,
+            }
+        }
+    }
+
+    #[test]
+    fn each_rule_catches_its_drift() {
+        let m = monitor(None);
+        let mut p = renderer();
+        p.status.seccomp = 0;
+        assert_eq!(checks(&m, &p, None), ["seccomp"]);
+        let mut p = renderer();
+        p.status.cap_eff = SYS_ADMIN;
+        assert_eq!(checks(&m, &p, None), ["capabilities"]);
+        let mut p = renderer().clone_as("zygote");
+        p.status.cap_eff = SYS_ADMIN | NET_ADMIN;
+        assert_eq!(checks(&m, &p, None), ["capabilities"]);
+        let mut p = renderer();
+        p.status.cap_amb = NET_ADMIN;
+        assert_eq!(checks(&m, &p, None), ["capabilities"]);
+        // In the session's own user namespace nothing holds any capability, from birth on.
+        let mut p = browser();
+        (p.status.cap_bnd, p.age) = (FULL, Some(Duration::ZERO));
+        assert_eq!(checks(&m, &p, None), ["capabilities"]);
+        let mut p = browser();
+        p.shared[0].1 = Some(77);
+        assert_eq!(checks(&m, &p, None), ["namespace"]);
+        let mut p = renderer();
+        (p.shared[0].1, p.net_owner_depth) = (Some(1), None);
+        assert_eq!(checks(&m, &p, None), ["namespace"]);
+        let mut p = renderer();
+        p.shared[2].1 = Some(4_026_531_839);
+        assert_eq!(checks(&m, &p, None), ["namespace"]);
+        let mut p = browser();
+        p.pid_ns_within = false;
+        assert_eq!(checks(&m, &p, None), ["namespace"]);
+        let mut p = renderer();
+        p.status.uid[1] = 0;
+        assert_eq!(checks(&m, &p, None), ["uid"]);
+        let mut p = renderer();
+        p.status.no_new_privs = false;
+        assert_eq!(checks(&m, &p, None), ["no_new_privs"]);
+        let mut p = renderer();
+        p.exe = Some("/usr/bin/sleep".into());
+        assert_eq!(checks(&m, &p, None), ["executable"]);
+        let mut p = renderer();
+        p.cgroups = kernel::parse_cgroup("8:pids:/\n4:memory:/chaperone/chaperone-x\n0::/\n");
+        assert_eq!(checks(&m, &p, None), ["cgroup"]);
+        // The same process under a baseline whose init is not among its ancestors.
+        assert_eq!(
+            checks(&monitor(Some(999_999_998)), &renderer(), None),
+            ["unexpected_process"]
+        );
+    }
+
+    #[test]
+    fn the_launcher_lives_in_the_host_pid_namespace_and_runs_the_supervisor() {
+        let m = monitor(Some(999_999_998));
+        let mut p = browser();
+        (p.id, p.pid_ns_within) = (m.base.launcher, false);
+        p.exe = Some("/opt/chaperone".into());
+        assert_eq!(checks(&m, &p, None), Vec::<&str>::new());
+        p.exe = Some("/usr/lib/chromium/chromium".into());
+        assert_eq!(checks(&m, &p, None), ["executable"]);
+    }
+
+    #[test]
+    fn an_outsider_in_the_session_network_namespace_is_caught_by_several_rules() {
+        let m = monitor(Some(999_999_998));
+        let mut p = browser();
+        (p.depth, p.user_ns, p.pid_ns_within, p.net_owner_depth) = (None, 9, false, None);
+        p.shared = [
+            ("net", Some(3)),
+            ("mnt", Some(40)),
+            ("ipc", Some(50)),
+            ("uts", Some(60)),
+        ];
+        p.status.uid = [0; 4];
+        p.status.no_new_privs = false;
+        (p.status.cap_eff, p.status.cap_prm, p.status.cap_bnd) = (FULL, FULL, FULL);
+        p.exe = Some("/usr/bin/sleep".into());
+        p.cgroups = kernel::parse_cgroup("0::/user.slice\n");
+        assert_eq!(
+            checks(&m, &p, None),
+            [
+                "namespace",
+                "uid",
+                "no_new_privs",
+                "capabilities",
+                "executable",
+                "unexpected_process",
+                "cgroup"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_process_gains_capabilities_or_leaves_seccomp() {
+        let m = monitor(None);
+        let mut zygote = renderer().clone_as("zygote");
+        zygote.status.seccomp = 0;
+        let seen = |p: &Observed| Seen {
+            user_ns: p.user_ns,
+            caps: p.caps(),
+            seccomp: p.status.seccomp,
+        };
+        let before = seen(&zygote);
+        zygote.status.cap_eff = SYS_ADMIN;
+        assert_eq!(checks(&m, &zygote, Some(before)), ["capabilities"]);
+        let mut p = renderer();
+        let before = seen(&p);
+        (p.status.seccomp, p.age) = (0, Some(Duration::ZERO));
+        assert_eq!(checks(&m, &p, Some(before)), ["seccomp"]);
+    }
+
+    #[test]
+    fn a_kind_is_sandboxed_as_first_seen_settled() {
+        let m = monitor(None);
+        let storage = |seccomp, age| {
+            let mut p = renderer().clone_as("utility/storage.mojom.StorageService");
+            (p.status.seccomp, p.age) = (seccomp, Some(Duration::from_millis(age)));
+            p
+        };
+        let network = |seccomp| {
+            let mut p = browser().clone_as("utility/network.mojom.NetworkService");
+            p.status.seccomp = seccomp;
+            p
+        };
+        // Young processes teach nothing.
+        assert!(!m
+            .learn_kinds(&[storage(0, 10)])
+            .contains("utility/storage.mojom.StorageService"));
+        let learned = m.learn_kinds(&[storage(2, 5_000), network(0)]);
+        assert!(learned.contains("utility/storage.mojom.StorageService"));
+        assert!(!learned.contains("utility/network.mojom.NetworkService"));
+        // Fixed from then on.
+        assert_eq!(checks(&m, &storage(0, 5_000), None), ["seccomp"]);
+        assert!(!m
+            .learn_kinds(&[network(2)])
+            .contains("utility/network.mojom.NetworkService"));
+        assert_eq!(checks(&m, &network(0), None), Vec::<&str>::new());
     }
 }
