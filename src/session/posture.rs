@@ -61,6 +61,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -254,7 +255,6 @@ impl Baseline {
         for kind in ["user", "pid", "net", "mnt", "ipc", "uts"] {
             let path = format!("/proc/{}/ns/{kind}", init.pid);
             let f = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-            use std::os::unix::fs::MetadataExt;
             let ino = f.metadata().map_err(|e| format!("{path}: {e}"))?.ino();
             inode.insert(kind, ino);
             pins.push(f);
