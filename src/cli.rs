@@ -148,6 +148,12 @@ enum SessionOp {
         /// Session id.
         id: String,
     },
+    /// Check a live session's integrity now (namespaces, cgroup, capabilities, seccomp, the
+    /// mandate); exits 1 on drift, which also revokes the session.
+    Posture {
+        /// Session id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +537,7 @@ fn session_request(op: SessionOp) -> anyhow::Result<ControlRequest> {
         }
         SessionOp::Revoke { id } => ("DELETE", format!("/v1/sessions/{id}"), None),
         SessionOp::Ticket { id } => ("POST", format!("/v1/sessions/{id}/resume-ticket"), None),
+        SessionOp::Posture { id } => ("GET", format!("/v1/sessions/{id}/posture"), None),
     })
 }
 
@@ -553,7 +560,9 @@ async fn control_call(
     let (status, value) =
         crate::client::request(&addr, token.as_deref(), method, &path, body).await?;
     println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(if (200..300).contains(&status) {
+    // A posture check that found drift answers 200 with `"ok": false`.
+    let failed_check = value.get("ok") == Some(&serde_json::Value::Bool(false));
+    Ok(if (200..300).contains(&status) && !failed_check {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

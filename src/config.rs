@@ -88,7 +88,34 @@ pub struct Config {
     /// Told of every request held for a human's approval: a JSON `POST` (`http://` or
     /// `https://`; `[upstream]`'s CA file and timeout apply). Default: none.
     pub approval_webhook: Option<String>,
+    /// Continuous integrity checks of live sessions.
+    pub posture: PostureConfig,
 }
+
+/// `[posture]`: how often the supervisor re-verifies each live session (its processes'
+/// namespaces, cgroups, uid, capabilities, `no_new_privs`, seccomp, executables and parent
+/// chain, and its mandate under the current policy; see [`crate::session::posture`]). Always
+/// on; drift revokes the session.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostureConfig {
+    /// Time between two checks of a session (e.g. `"5s"`). Default 5 s; 1 s to 5 min.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for PostureConfig {
+    fn default() -> Self {
+        PostureConfig {
+            interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The bounds of `posture.interval`: below a second the scans cost CPU for nothing Chromium
+/// can do faster; beyond five minutes drift would stand too long.
+pub const POSTURE_INTERVAL: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(300);
 
 /// `[registry]`: the durable record of resume tickets, detaches and resumptions.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -276,6 +303,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             registry: RegistryConfig::default(),
             approval_webhook: None,
+            posture: PostureConfig::default(),
         }
     }
 }
@@ -353,6 +381,12 @@ impl Config {
     pub fn check(&self) -> Result<(), String> {
         if self.limits.agent_ping_interval < Duration::from_secs(1) {
             return Err("limits.agent_ping_interval: must be at least 1 s (e.g. \"15s\")".into());
+        }
+        if !POSTURE_INTERVAL.contains(&self.posture.interval) {
+            return Err(format!(
+                "posture.interval: must be between 1s and 5m (e.g. \"5s\"), got {}",
+                humantime::format_duration(self.posture.interval)
+            ));
         }
         if matches!(self.control, ControlAddr::Tcp(_)) && self.control_token_file.is_none() {
             return Err(
@@ -577,6 +611,31 @@ mod tests {
             ),
         ] {
             std::fs::write(&p, &text).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(wanted), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn posture_interval_is_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        assert_eq!(Config::default().posture.interval, Duration::from_secs(5));
+        std::fs::write(&p, "[posture]\ninterval = \"2s\"\n").unwrap();
+        assert_eq!(
+            Config::load(&p).unwrap().posture.interval,
+            Duration::from_secs(2)
+        );
+        for (text, wanted) in [
+            (
+                "[posture]\ninterval = \"500ms\"\n",
+                "posture.interval: must be between 1s and 5m",
+            ),
+            ("[posture]\ninterval = \"1h\"\n", "got 1h"),
+            ("[posture]\ninterval = \"often\"\n", "line 2"),
+            ("[posture]\nenabled = false\n", "enabled"),
+        ] {
+            std::fs::write(&p, text).unwrap();
             let e = Config::load(&p).unwrap_err().to_string();
             assert!(e.contains(wanted), "{text}: {e}");
         }

@@ -4,11 +4,12 @@
 //! `expires_at`; `GET /v1/sessions`; `GET /v1/sessions/{id}`; `PATCH /v1/sessions/{id}`
 //! (change the live mandate, see [`crate::session::patch`]); `DELETE /v1/sessions/{id}`
 //! (revoke, answers once purged); `POST /v1/sessions/{id}/resume-ticket` (a resume ticket for
-//! a dropped agent); `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys;
-//! revoking one ends its sessions); `GET /v1/approvals[?session=ID]` (requests held for a
-//! human), `POST /v1/approvals/{id}` `{"decision": "approve"|"deny", "by": NAME}` (decide
-//! one); `GET /v1/audit?session=ID[&event=PREFIX]` (the session's audit records);
-//! `GET /healthz`; `GET /metrics`. Errors are
+//! a dropped agent); `GET /v1/sessions/{id}/posture` (check the session's integrity now);
+//! `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys; revoking one ends its
+//! sessions); `GET /v1/approvals[?session=ID]` (requests held for a human),
+//! `POST /v1/approvals/{id}` `{"decision": "approve"|"deny", "by": NAME}` (decide one);
+//! `GET /v1/audit?session=ID[&event=PREFIX]` (the session's audit records); `GET /healthz`;
+//! `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
 
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
         .route("/v1/sessions", get(list).post(create))
         .route("/v1/sessions/{id}", get(show).delete(revoke).patch(change))
         .route("/v1/sessions/{id}/resume-ticket", post(resume_ticket))
+        .route("/v1/sessions/{id}/posture", get(posture))
         .route("/v1/agent-keys", get(list_keys).post(issue_key))
         .route("/v1/agent-keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/approvals", get(list_approvals))
@@ -177,6 +179,23 @@ async fn revoke(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
     match ctl.reg.revoke(&id).await {
         Ok(s) => Json(s.view(ctl.reg.urls())).into_response(),
         Err(e) => registry_error(e),
+    }
+}
+
+/// `GET /v1/sessions/{id}/posture`: checks the session's posture now (see
+/// [`crate::session::posture`]) and answers `{"session", "checked_at", "ok", "processes",
+/// "took_ms", "drift": [{"check", "pid", "command", "detail"}]}`. Drift found here revokes the
+/// session as a periodic check would. `404` unknown session, `409` not active or detached.
+async fn posture(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    let Some(s) = ctl.reg.get(&id) else {
+        return registry_error(RegistryError::NotFound(id));
+    };
+    match ctl.reg.check_posture(&s).await {
+        Ok(report) => Json(report.to_json(&s.id)).into_response(),
+        Err(e @ crate::session::posture::PostureError::NotLive(..)) => {
+            error(StatusCode::CONFLICT, e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

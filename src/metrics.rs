@@ -62,6 +62,18 @@ pub struct Metrics {
     /// Action rule decisions recorded in the audit log, by event without its `action.` prefix
     /// (`denied`, `sent`, …).
     pub action_events: Family<EventLabel, Counter>,
+    /// Posture checks of live sessions.
+    pub posture_checks: Counter,
+    /// Sessions revoked for posture drift, once per broken rule.
+    pub posture_drift: Family<CheckLabel, Counter>,
+}
+
+/// Label for which posture rule a session broke.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabel {
+    /// `namespace`, `cgroup`, `uid`, `capabilities`, `seccomp`, … (see
+    /// [`crate::session::posture::Check`]).
+    pub check: String,
 }
 
 /// Label for how a resumption attempt ended.
@@ -191,6 +203,8 @@ impl Default for Metrics {
             approvals_pending: Gauge::default(),
             approvals: Family::default(),
             action_events: Family::default(),
+            posture_checks: Counter::default(),
+            posture_drift: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +272,16 @@ impl Default for Metrics {
             "Action rule decisions recorded in the audit log, by kind",
             m.action_events.clone(),
         );
+        registry.register(
+            "posture_checks",
+            "Posture checks of live sessions",
+            m.posture_checks.clone(),
+        );
+        registry.register(
+            "posture_drift",
+            "Sessions revoked for posture drift, by broken rule",
+            m.posture_drift.clone(),
+        );
         registry.register_collector(Box::new(m.egress_traffic.clone()));
         Metrics { registry, ..m }
     }
@@ -287,7 +311,18 @@ mod tests {
                 reason: "expired".into(),
             })
             .inc();
+        m.posture_checks.inc();
+        m.posture_drift
+            .get_or_create(&CheckLabel {
+                check: "cgroup".into(),
+            })
+            .inc();
         let text = m.render();
+        assert!(text.contains("chaperone_posture_checks_total 1"), "{text}");
+        assert!(
+            text.contains("chaperone_posture_drift_total{check=\"cgroup\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("chaperone_sessions_created_total 1"),
             "{text}"

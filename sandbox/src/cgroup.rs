@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Cause, Error};
 use crate::spec::Limits;
 
-const ROOT: &str = "/sys/fs/cgroup";
+pub(crate) const ROOT: &str = "/sys/fs/cgroup";
 /// Directory grouping all sessions inside each hierarchy.
 const PARENT: &str = "chaperone";
 

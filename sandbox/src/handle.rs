@@ -217,7 +217,7 @@ pub(crate) fn pidfd_open(pid: i32) -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn pidfd_send_sigkill(fd: &OwnedFd) -> Result<(), Errno> {
+pub(crate) fn pidfd_send_sigkill(fd: &OwnedFd) -> Result<(), Errno> {
     // SAFETY: pidfd_send_signal with a valid pidfd, SIGKILL, no siginfo and no flags.
     let rc = unsafe {
         libc::syscall(

@@ -127,27 +127,40 @@ pub(crate) fn userns_depth(max: u32) -> Result<u32, Errno> {
 /// Whether the namespace open at `fd`, or one of its ancestors, has inode `target`. Chromium
 /// nests its own user and pid namespaces below ours, so equality alone would miss renderers.
 fn descends_from(fd: OwnedFd, target: u64) -> bool {
-    let mut fd = fd;
-    // The kernel allows 32 levels of nesting; the bound only guards against surprises.
-    for _ in 0..40 {
-        match fstat(&fd) {
-            Ok(st) if st.st_ino == target => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-        // SAFETY: NS_GET_PARENT takes no argument and returns a new fd or -1; `fd` is a valid
-        // namespace fd owned by this function.
-        let parent = unsafe { libc::ioctl(fd.as_raw_fd(), libc::NS_GET_PARENT) };
-        if parent < 0 {
-            return false;
-        }
-        // SAFETY: the ioctl just returned this fd to us; nothing else owns it.
-        fd = unsafe { OwnedFd::from_raw_fd(parent) };
-    }
-    false
+    depth_below(fd, target).is_some()
 }
 
-fn open_ns(pid_dir: &Path, kind: &str) -> Option<OwnedFd> {
+/// How many levels below the namespace with inode `target` the namespace open at `fd` is:
+/// `Some(0)` for that namespace itself, `None` when it is not at or below it.
+pub(crate) fn depth_below(fd: OwnedFd, target: u64) -> Option<u32> {
+    let mut fd = fd;
+    // The kernel allows 32 levels of nesting; the bound only guards against surprises.
+    for depth in 0..40 {
+        match fstat(&fd) {
+            Ok(st) if st.st_ino == target => return Some(depth),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        fd = ns_ioctl(&fd, libc::NS_GET_PARENT)?;
+    }
+    None
+}
+
+/// `NS_GET_PARENT` (the parent of a user or pid namespace) or `NS_GET_USERNS` (the user
+/// namespace owning any namespace) on a namespace fd: the new fd, or `None` at the top of
+/// what the caller may see.
+pub(crate) fn ns_ioctl(fd: &OwnedFd, request: libc::Ioctl) -> Option<OwnedFd> {
+    // SAFETY: both requests take no argument and return a new fd or -1; `fd` is a valid
+    // namespace fd borrowed for the call.
+    let got = unsafe { libc::ioctl(fd.as_raw_fd(), request) };
+    if got < 0 {
+        return None;
+    }
+    // SAFETY: the ioctl just returned this fd to us; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(got) })
+}
+
+pub(crate) fn open_ns(pid_dir: &Path, kind: &str) -> Option<OwnedFd> {
     fs::File::open(pid_dir.join("ns").join(kind))
         .ok()
         .map(OwnedFd::from)

@@ -10,7 +10,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{BrowserInfo, EndReason, Registry, Session, State};
+use super::{posture, BrowserInfo, EndReason, Registry, Session, State};
 use crate::broker::{Broker, BrokerEvents};
 use crate::browser::{chromium, BrowserConn};
 use crate::egress::{self, Denied, EgressObserver, RequestInfo, Traffic};
@@ -41,6 +41,35 @@ pub(super) async fn run(
             return;
         }
     };
+    // What is legitimate for this session, read before anyone can drive the browser.
+    let baseline = {
+        let h = launched.clone();
+        let program = reg.cfg.browser.path.clone();
+        tokio::task::spawn_blocking(move || posture::Baseline::take(&h, &program))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|b| b)
+    };
+    let baseline = match baseline {
+        Ok(b) => b,
+        Err(e) => {
+            reg.metrics.launch_failures.inc();
+            let error = format!("posture baseline: {e}");
+            tracing::warn!(session = %session.id, %error, "launch failed");
+            let _ = end(
+                &reg,
+                &session,
+                EndReason::Crashed,
+                Some(&launched),
+                Some(&error),
+            )
+            .await;
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    let posture_summary = baseline.summary();
+    session.set_posture(Some(Arc::new(posture::Monitor::new(baseline))));
     *session.browser.lock().unwrap_or_else(|p| p.into_inner()) = Some(browser.clone());
     let started = reg
         .audit
@@ -52,6 +81,7 @@ pub(super) async fn run(
                 "browser": browser.version.get("product"),
                 "degraded": browser.degraded,
                 "launcher_pid": launched.launcher_pid,
+                "posture": posture_summary,
             }),
         )
         .await;
@@ -73,6 +103,9 @@ pub(super) async fn run(
 
     let mut changes = session.mandate_changes();
     let mut states = session.state_changes();
+    let every = reg.cfg.posture.interval;
+    let mut posture_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    posture_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = loop {
         // Every clock is read from the mandate in force; a PATCH wakes the loop to re-read.
         let m = session.mandate();
@@ -122,6 +155,12 @@ pub(super) async fn run(
             }
             // The pipe's far end lives only in the browser, and the browser dies with the
             // sandbox's init and launcher: EOF here is how any death of the sandbox shows.
+            // Drift asks for the end (after its audit record); the next turn takes it.
+            _ = posture_tick.tick() => {
+                if let Err(e) = reg.check_posture(&session).await {
+                    tracing::debug!(session = %session.id, error = %e, "posture check skipped");
+                }
+            }
             _ = browser.conn.closed() => break EndReason::Crashed,
             _ = reg.shutdown.cancelled() => break EndReason::Shutdown,
         }
@@ -602,9 +641,11 @@ async fn end(
                 .collect(),
         }
     };
+    // Checks stop here; the monitor still knows the session's namespaces for the purge.
+    let monitor = session.set_posture(None);
     let killing = async {
         match handle {
-            Some(h) => purge(h).await,
+            Some(h) => purge(h, monitor).await,
             None => Ok(json!({"processes_left": 0, "note": "no sandbox was started"})),
         }
     };
@@ -656,8 +697,12 @@ async fn end(
 
 /// Kills the session's process tree and checks that nothing of it is left: no process in its
 /// namespaces (so its tmpfs profile and downloads, which exist only in its mount namespace,
-/// are gone with them) and no cgroup.
-async fn purge(h: &sandbox::Handle) -> Result<serde_json::Value, String> {
+/// are gone with them), not even one that entered them from outside (`monitor`, whose held
+/// namespaces make their inodes safe to compare), and no cgroup.
+async fn purge(
+    h: &sandbox::Handle,
+    monitor: Option<Arc<posture::Monitor>>,
+) -> Result<serde_json::Value, String> {
     let started = std::time::Instant::now();
     h.kill().map_err(|e| format!("kill: {e}"))?;
     let h2 = h.clone();
@@ -669,14 +714,25 @@ async fn purge(h: &sandbox::Handle) -> Result<serde_json::Value, String> {
                 h2.launcher_pid
             ));
         }
-        loop {
+        // Someone who entered the session's namespaces from outside its pid namespace keeps
+        // them alive and is not killed by the init's death: killed one by one, now and again
+        // while the rest goes.
+        let kill_intruders = || monitor.as_ref().map_or(Ok(0), |m| m.kill_intruders());
+        let mut intruders_killed = kill_intruders()?;
+        for round in 1.. {
             let _ = h2.reap();
-            let left = sandbox::processes_in(&h2.ns);
+            let mut left = sandbox::processes_in(&h2.ns);
+            if left.is_empty() {
+                left = monitor.as_ref().map(|m| m.outsiders()).unwrap_or_default();
+            }
             if left.is_empty() {
                 break;
             }
             if std::time::Instant::now() > deadline {
                 return Err(format!("processes still alive after SIGKILL: {left:?}"));
+            }
+            if round % 25 == 0 {
+                intruders_killed += kill_intruders()?;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -686,6 +742,7 @@ async fn purge(h: &sandbox::Handle) -> Result<serde_json::Value, String> {
             "namespaces_gone": true,
             "profile": "tmpfs in the session's own mount namespace, gone with it",
             "cgroups_removed": h2.cgroups.len(),
+            "intruders_killed": intruders_killed,
         }))
     });
     let mut facts = check

@@ -7,6 +7,7 @@
 pub mod identity;
 mod launch;
 pub mod patch;
+pub mod posture;
 mod registry;
 mod resume;
 pub mod store;
@@ -285,6 +286,8 @@ pub struct Session {
     pub(crate) credentials: Mutex<Vec<crate::mandate::Credential>>,
     /// The credential broker, while the session holds credentials.
     pub(crate) broker: Mutex<Option<crate::broker::Broker>>,
+    /// The posture checks, from the baseline taken after launch until the purge.
+    posture: Mutex<Option<Arc<posture::Monitor>>>,
 }
 
 /// What the supervisor knows about a running browser.
@@ -595,6 +598,25 @@ impl Session {
         }
     }
 
+    /// The posture checks of the running session.
+    pub fn posture(&self) -> Option<Arc<posture::Monitor>> {
+        self.posture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs (`Some`) or takes away (`None`, after the purge) the posture checks.
+    pub(crate) fn set_posture(
+        &self,
+        monitor: Option<Arc<posture::Monitor>>,
+    ) -> Option<Arc<posture::Monitor>> {
+        std::mem::replace(
+            &mut *self.posture.lock().unwrap_or_else(|p| p.into_inner()),
+            monitor,
+        )
+    }
+
     /// The trigger and facts recorded by [`Session::request_end_by`].
     pub(crate) fn end_detail(&self) -> Option<(&'static str, serde_json::Value)> {
         self.end_detail
@@ -738,6 +760,7 @@ pub(crate) fn new_session(
     let s = Session {
         credentials: Mutex::new(credentials),
         broker: Mutex::new(None),
+        posture: Mutex::new(None),
         id: random_hex(8),
         capability: random_hex(32),
         egress: watch::Sender::new(Arc::new(mandate.egress.clone())),

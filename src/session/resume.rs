@@ -647,8 +647,6 @@ impl Registry {
     /// its deadline and window, its agent key, and that the broker holds nothing the mandate
     /// no longer lists.
     fn revalidate_for_resume(&self, s: &Session) -> Value {
-        let m = s.mandate();
-        let now = OffsetDateTime::now_utc();
         let since = s.gov_at_detach.load(std::sync::atomic::Ordering::SeqCst);
         let version = s.governance_version();
         let mut out = json!({
@@ -656,35 +654,39 @@ impl Registry {
             "version_at_interruption": since,
             "version_now": version,
             "changes": s.changes_since(since),
-            "checks": ["not_after", "window", "mandate", "agent_key", "credentials"],
+            "checks": MANDATE_CHECKS,
         });
-        let fail = |out: &mut Value, field: &str, message: String| {
+        if let Err((field, message)) = self.mandate_holds(s) {
             out["result"] = "refused".into();
             out["failed"] = field.into();
             out["message"] = message.into();
-        };
-        if let Err(e) = m.may_resume(now) {
-            fail(&mut out, e.field, e.message);
-            return out;
         }
-        if let Err(e) = m
-            .source
+        out
+    }
+
+    /// Whether the mandate in force still allows the session under the current policy: it
+    /// has not ended and its window is open, it passes validation under today's limits, its
+    /// agent key exists and is not revoked, and the broker holds no credential it no longer
+    /// lists. `Err((field, message))` names the first check that failed, in the order of
+    /// [`MANDATE_CHECKS`]. Resumptions and posture checks both ask it.
+    pub(super) fn mandate_holds(&self, s: &Session) -> Result<(), (String, String)> {
+        let m = s.mandate();
+        let now = OffsetDateTime::now_utc();
+        m.may_resume(now)
+            .map_err(|e| (e.field.to_string(), e.message))?;
+        m.source
             .clone()
             .revalidate(now, self.cfg.limits.max_ttl.as_secs())
-        {
-            fail(&mut out, &e.field, e.message);
-            return out;
-        }
+            .map_err(|e| (e.field, e.message))?;
         if let Some(k) = m
             .source
             .identity
             .as_ref()
             .and_then(|i| i.agent_key.as_deref())
         {
-            if let Err(e) = self.keys.usable(k) {
-                fail(&mut out, "identity.agent_key", e.to_string());
-                return out;
-            }
+            self.keys
+                .usable(k)
+                .map_err(|e| ("identity.agent_key".to_string(), e.to_string()))?;
         }
         let held = s
             .broker
@@ -697,15 +699,17 @@ impl Registry {
             .iter()
             .find(|id| !m.source.credentials.iter().any(|c| &c.id == *id))
         {
-            fail(
-                &mut out,
-                "credentials",
+            return Err((
+                "credentials".into(),
                 format!("the broker holds `{extra}`, which the mandate no longer lists"),
-            );
+            ));
         }
-        out
+        Ok(())
     }
 }
+
+/// The checks of [`Registry::mandate_holds`], as resumption records list them.
+const MANDATE_CHECKS: [&str; 5] = ["not_after", "window", "mandate", "agent_key", "credentials"];
 
 fn no_ticket(s: &Session) -> ResumeRefused {
     ResumeRefused::new(
