@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
@@ -66,8 +66,17 @@ fn ag120_4_1_ttl_expiry_closes_kills_and_purges() {
     );
     let expired = sup.events("session.expired").pop().unwrap();
     assert_eq!(expired["trigger"], "mandate_expiry", "{expired}");
-    let (_, body) = sup.api("GET", &format!("/v1/sessions/{id}"), None);
-    assert_eq!(body["state"], "purged");
+    // `session.purged` is on disk before the registry's state says so (a transition is
+    // recorded before it is acknowledged): wait (bounded) for the state.
+    let mut body = Value::Null;
+    for _ in 0..200 {
+        body = sup.api("GET", &format!("/v1/sessions/{id}"), None).1;
+        if body["state"] == "purged" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(body["state"], "purged", "{body}");
     assert_eq!(body["end_reason"], "expired");
 }
 
