@@ -240,7 +240,6 @@ pub struct Baseline {
     launcher_exe: PathBuf,
     init_exe: PathBuf,
     browser_dir: PathBuf,
-    processes: usize,
 }
 
 impl Baseline {
@@ -299,7 +298,7 @@ impl Baseline {
             .unwrap_or(Path::new("/"))
             .to_path_buf();
 
-        let processes = sandbox::processes_in(&h.ns).len();
+        // No scan of every process here: this runs on the session's start path.
         Ok(Baseline {
             init,
             launcher,
@@ -313,14 +312,12 @@ impl Baseline {
             launcher_exe,
             init_exe,
             browser_dir,
-            processes,
         })
     }
 
     /// A summary for the `session.active` record.
     pub fn summary(&self) -> Value {
         json!({
-            "processes": self.processes,
             "uid": self.uid[0],
             "gid": self.gid[0],
             "always_sandboxed": ALWAYS_SANDBOXED,
@@ -1005,7 +1002,6 @@ mod tests {
             launcher_exe: "/opt/chaperone".into(),
             init_exe: "/opt/chaperone".into(),
             browser_dir: "/usr/lib/chromium".into(),
-            processes: 0,
         })
     }
 
