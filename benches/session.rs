@@ -43,6 +43,8 @@ const PH_LAUNCH: &str =
     "start: session.created → session.active (sandbox + Chromium + first pipe reply)";
 const PH_ANSWER: &str = "start: session.active → 201 received";
 const PH_CONNECT: &str = "start: 201 → first CDP reply on cdp_url";
+/// Posture checks per chaperone run.
+const POSTURE_CHECKS: usize = 10;
 const PH_PURGE_MS: &str = "revoke: purge_ms as chaperone reports it";
 const BARE_AFTER_FIRST: &str = "bare (for comparison): right after the first reply, \
      `Target.attachToBrowserTarget` + `Browser.getVersion` over the pipe";
@@ -115,6 +117,9 @@ struct Cycle {
     phases: BTreeMap<&'static str, f64>,
     /// chaperone only: processes of the session still alive after DELETE answered.
     survivors: Vec<i32>,
+    /// chaperone only: how long each on-demand posture check of the idle session took, as
+    /// the supervisor reports it (`took_ms`).
+    posture_ms: Vec<f64>,
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -445,6 +450,18 @@ async fn chaperone_session(
     drop(again);
     c.rtts_ms = round_trips(&mut cdp, &session, s.calls).await?;
     c.rtt_ms = median(&c.rtts_ms);
+    // The continuous integrity check, run on demand a few times on the idle session.
+    let id = body["id"].as_str().unwrap_or_default();
+    for _ in 0..POSTURE_CHECKS {
+        let (status, report) = sup
+            .api("GET", &format!("/v1/sessions/{id}/posture"), None)
+            .await?;
+        if status != 200 || report["ok"] != true {
+            bail!("GET /v1/sessions/{id}/posture answered {status}: {report}");
+        }
+        c.posture_ms
+            .push(report["took_ms"].as_f64().unwrap_or(f64::NAN));
+    }
     Ok(c)
 }
 
@@ -764,7 +781,10 @@ fn render(s: &Settings, r: &Report, m: &Machine) -> String {
         "\nAlongside (not part of a target): the supervisor's own PSS with one idle session, \
          median {sup_pss:.1} MiB; the same websocket client against a plain tungstenite echo \
          server on loopback, median {:.3} ms per round trip; round-trip 90th percentile over \
-         all calls of all runs {:.3} ms bare, {:.3} ms chaperone.\n",
+         all calls of all runs {:.3} ms bare, {:.3} ms chaperone; one posture check of the idle \
+         session (every process's namespaces, cgroup, capabilities, seccomp, parent, and the \
+         mandate; `took_ms` of `GET /v1/sessions/{{id}}/posture`, {POSTURE_CHECKS} per run), \
+         median {:.1} ms.\n",
         echo,
         percentile(
             &b.iter().flat_map(|x| x.rtts_ms.clone()).collect::<Vec<_>>(),
@@ -773,6 +793,11 @@ fn render(s: &Settings, r: &Report, m: &Machine) -> String {
         percentile(
             &c.iter().flat_map(|x| x.rtts_ms.clone()).collect::<Vec<_>>(),
             0.9
+        ),
+        median(
+            &c.iter()
+                .flat_map(|x| x.posture_ms.clone())
+                .collect::<Vec<_>>()
         ),
     );
 
