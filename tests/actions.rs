@@ -280,24 +280,25 @@ fn field_conditions_and_budgets_decide_without_asking_anyone() {
     assert_eq!(sent[1]["count"], 2);
 }
 
-/// A webhook receiver on this machine: records every POST it gets.
-fn webhook() -> common::bank::Server {
-    common::bank::Server::serve(
+/// The shop, a webhook receiver on this machine that records every POST it gets, and a
+/// supervisor that announces approvals to it.
+fn shop_with_webhook() -> (Shop, common::bank::Server, Supervisor) {
+    let hook = common::bank::Server::serve(
         std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
         std::sync::Arc::new(|_r: &common::bank::Request| {
             common::bank::Reply::new(204, "text/plain", "")
         }),
-    )
-}
-
-#[test]
-fn a_just_in_time_credential_rides_only_on_the_approved_order_and_no_secret_leaks() {
-    let shop = Shop::start();
-    let hook = webhook();
+    );
     let sup = Supervisor::start_with_config(&format!(
         "approval_webhook = \"http://127.0.0.1:{}/hook\"\n",
         hook.port()
     ));
+    (Shop::start(), hook, sup)
+}
+
+#[test]
+fn a_just_in_time_credential_rides_only_on_the_approved_order_and_no_secret_leaks() {
+    let (shop, hook, sup) = shop_with_webhook();
     let mut m = shop_mandate(checkout_needs_approval());
     m["credentials"] = json!([{
         "id": "pay",
@@ -530,12 +531,7 @@ fn the_cli_lists_approves_and_denies() {
 #[test]
 fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_webhook() {
     use base64::Engine;
-    let shop = Shop::start();
-    let hook = webhook();
-    let sup = Supervisor::start_with_config(&format!(
-        "approval_webhook = \"http://127.0.0.1:{}/hook\"\n",
-        hook.port()
-    ));
+    let (shop, hook, sup) = shop_with_webhook();
     let mut m = shop_mandate(checkout_needs_approval());
     // An ordinary credential of the shop: its value may go to the shop, so the request is not
     // a leak, and it reaches the human's view unless that view cuts it out. (A just-in-time

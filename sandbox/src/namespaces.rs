@@ -199,14 +199,7 @@ fn is_zombie(pid_dir: &Path) -> bool {
 /// (the launcher stays one until its parent reaps it). Processes the caller may not inspect
 /// (other users, without root) are not seen.
 pub fn processes_in(ns: &NsIds) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let own = std::process::id() as i32;
-    let mut pids: Vec<i32> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != own)
+    let mut pids: Vec<i32> = other_pids()
         .filter(|&pid| {
             let dir = PathBuf::from(format!("/proc/{pid}"));
             belongs(&dir, ns) && !is_zombie(&dir)
@@ -214,6 +207,17 @@ pub fn processes_in(ns: &NsIds) -> Vec<i32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// Every pid in `/proc` but the caller's own.
+pub(crate) fn other_pids() -> impl Iterator<Item = i32> {
+    let own = std::process::id() as i32;
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(move |&pid| pid != own)
 }
 
 /// Namespace ids of any host process, for posture checks and tests.

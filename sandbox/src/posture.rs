@@ -341,14 +341,7 @@ pub fn ns_owner_depth(pid: i32, kind: &str, user: u64) -> Option<u32> {
 /// [`crate::processes_in`] does not see. The caller must keep those namespaces alive (an
 /// open fd) while it relies on their inodes. Zombies and the caller are not listed.
 pub fn outsiders(user: u64, inodes: &[(&str, u64)]) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let own = std::process::id() as i32;
-    let mut pids: Vec<i32> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != own)
+    let mut pids: Vec<i32> = crate::namespaces::other_pids()
         .filter(|&pid| {
             inodes
                 .iter()

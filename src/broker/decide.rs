@@ -547,15 +547,20 @@ mod tests {
         assert!(out.iter().any(|(n, _)| n == "Accept"));
     }
 
-    #[test]
-    fn an_on_approval_credential_rides_only_on_an_approved_request() {
+    /// A vault with one just-in-time credential for shop.test.
+    fn jit_vault() -> Vault {
         let m = Mandate::from_json(
             r#"{"agent":"a","ttl_secs":60,"credentials":[
               {"id":"pay","site":"shop.test","on_approval":true,
                "headers":{"X-Pay-Token":"PAYTOKEN-55aa77bb"}}]}"#,
         )
         .unwrap();
-        let v = Vault::new(&m.credentials, FingerprintKey::random()).unwrap();
+        Vault::new(&m.credentials, FingerprintKey::random()).unwrap()
+    }
+
+    #[test]
+    fn an_on_approval_credential_rides_only_on_an_approved_request() {
+        let v = jit_vault();
         let u = url("http://shop.test/checkout");
         let browsing = decide(&req(&u, &[], same_site()), &v, UnlistedCredentials::Strip);
         assert_eq!(
@@ -611,13 +616,7 @@ mod tests {
 
     #[test]
     fn a_page_made_copy_of_a_just_in_time_value_is_a_leak_unless_approved() {
-        let m = Mandate::from_json(
-            r#"{"agent":"a","ttl_secs":60,"credentials":[
-              {"id":"pay","site":"shop.test","on_approval":true,
-               "headers":{"X-Pay-Token":"PAYTOKEN-55aa77bb"}}]}"#,
-        )
-        .unwrap();
-        let v = Vault::new(&m.credentials, FingerprintKey::random()).unwrap();
+        let v = jit_vault();
         let u = url("http://shop.test/checkout");
         // Reflected to the page once, set by the page on a request nobody approved.
         let hs = h(&[("X-Pay-Token", "PAYTOKEN-55aa77bb")]);

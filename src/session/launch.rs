@@ -56,15 +56,7 @@ pub(super) async fn run(
             reg.metrics.launch_failures.inc();
             let error = format!("posture baseline: {e}");
             tracing::warn!(session = %session.id, %error, "launch failed");
-            let _ = end(
-                &reg,
-                &session,
-                EndReason::Crashed,
-                Some(&launched),
-                Some(&error),
-            )
-            .await;
-            let _ = ready.send(Err(error));
+            let _ = ready.send(Err(abandon(&reg, &session, &launched, error).await));
             return;
         }
     };
@@ -87,15 +79,7 @@ pub(super) async fn run(
         .await;
     if let Err(e) = started {
         let error = format!("audit log: {e}");
-        let _ = end(
-            &reg,
-            &session,
-            EndReason::Crashed,
-            Some(&launched),
-            Some(&error),
-        )
-        .await;
-        let _ = ready.send(Err(error));
+        let _ = ready.send(Err(abandon(&reg, &session, &launched, error).await));
         return;
     }
     session.state.send_replace(State::Active);
@@ -166,6 +150,25 @@ pub(super) async fn run(
         }
     };
     let _ = end(&reg, &session, reason, Some(&launched), None).await;
+}
+
+/// Ends a session whose browser runs but which cannot start (as `crashed`, naming `error`),
+/// and returns the error for the caller of the start.
+async fn abandon(
+    reg: &Arc<Registry>,
+    session: &Arc<Session>,
+    launched: &sandbox::Handle,
+    error: String,
+) -> String {
+    let _ = end(
+        reg,
+        session,
+        EndReason::Crashed,
+        Some(launched),
+        Some(&error),
+    )
+    .await;
+    error
 }
 
 type LaunchError = (EndReason, String, Option<sandbox::Handle>);
