@@ -156,6 +156,8 @@ fn rule_error(field: impl Into<String>, message: impl Into<String>) -> RuleError
 #[derive(Clone, Debug, Default)]
 pub struct ActionPolicy {
     rules: Vec<Compiled>,
+    /// Every field name a condition names, folded: the only fields read from a request.
+    field_names: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -256,7 +258,14 @@ impl ActionPolicy {
                     .map_err(|e| rule_error(format!("actions[{i}].{}", e.field), e.message))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(ActionPolicy { rules: compiled })
+        let field_names = compiled
+            .iter()
+            .flat_map(|r| r.fields.iter().map(|(n, _)| n.clone()))
+            .collect();
+        Ok(ActionPolicy {
+            rules: compiled,
+            field_names,
+        })
     }
 
     /// Whether there are no rules (every request allowed).
@@ -297,12 +306,13 @@ impl ActionPolicy {
     /// without such a rule "no rule" (allow) is a candidate too. The first candidate with the
     /// strictest decision is the one returned.
     pub fn first_match(&self, req: &Subject<'_>) -> Option<Matched<'_>> {
+        let prep = Prepared::new(req);
         let mut fields: Option<Fields> = None;
         let mut best: Option<Matched<'_>> = None;
         for (index, rule) in self.rules.iter().enumerate() {
-            let mut t = rule.head(req);
+            let mut t = rule.head(&prep);
             if t != Tri::No && !rule.fields.is_empty() {
-                let f = fields.get_or_insert_with(|| Fields::of(req));
+                let f = fields.get_or_insert_with(|| Fields::of(req, Some(&self.field_names)));
                 for (name, cond) in &rule.fields {
                     t = t.min(cond.holds(f.get(name), f.unreadable));
                     if t == Tri::No {
@@ -556,9 +566,70 @@ const METHOD_OVERRIDE_HEADERS: &[&str] = &[
 
 impl Compiled {
     /// Method, scheme, host and path.
-    fn head(&self, req: &Subject<'_>) -> Tri {
+    fn head(&self, req: &Prepared<'_>) -> Tri {
+        if self.scheme.is_some_and(|s| s != req.subject.url.scheme()) {
+            return Tri::No;
+        }
+        if let Some(h) = &self.host {
+            match req.host() {
+                Some(host) if h.matches(host) => {}
+                _ => return Tri::No,
+            }
+        }
         let mut t = Tri::Sure;
         if let Some(ms) = &self.methods {
+            let effective = req.methods();
+            let listed = |m: &String| ms.contains(m);
+            t = t.min(Tri::of(
+                effective.iter().all(listed),
+                effective.iter().any(listed),
+            ));
+            if t == Tri::No {
+                return t;
+            }
+        }
+        if let (Some(p), Some(loose)) = (&self.path, &self.loose_path) {
+            let exact = p.matches(req.path());
+            let alike = exact || req.loose_paths().iter().any(|l| loose.matches(l));
+            t = t.min(Tri::of(exact, alike));
+        }
+        t
+    }
+}
+
+/// What the rules read of a request, each worked out once, when first needed.
+struct Prepared<'a> {
+    subject: &'a Subject<'a>,
+    host: std::cell::OnceCell<Option<Host>>,
+    methods: std::cell::OnceCell<Vec<String>>,
+    path: std::cell::OnceCell<String>,
+    loose: std::cell::OnceCell<[String; 2]>,
+}
+
+impl<'a> Prepared<'a> {
+    fn new(subject: &'a Subject<'a>) -> Self {
+        Prepared {
+            subject,
+            host: Default::default(),
+            methods: Default::default(),
+            path: Default::default(),
+            loose: Default::default(),
+        }
+    }
+
+    fn host(&self) -> Option<&Host> {
+        self.host
+            .get_or_init(|| {
+                let host = self.subject.url.host_str().unwrap_or("");
+                Host::parse(host.trim_start_matches('[').trim_end_matches(']')).ok()
+            })
+            .as_ref()
+    }
+
+    /// The method sent and every override of it.
+    fn methods(&self) -> &[String] {
+        self.methods.get_or_init(|| {
+            let req = self.subject;
             let mut effective: Vec<String> = vec![req.method.to_ascii_uppercase()];
             for (name, value) in req.headers {
                 if METHOD_OVERRIDE_HEADERS
@@ -569,45 +640,29 @@ impl Compiled {
                 }
             }
             if req.method.eq_ignore_ascii_case("POST") {
-                for (k, v) in req.url.query_pairs() {
+                let query = req.url.query_pairs();
+                let form = matches!(
+                    body_kind(content_type(req.headers), req.body),
+                    BodyKind::Form
+                )
+                .then(|| url::form_urlencoded::parse(req.body));
+                for (k, v) in query.chain(form.into_iter().flatten()) {
                     if k == "_method" {
                         effective.push(v.trim().to_ascii_uppercase());
                     }
                 }
-                if matches!(
-                    body_kind(content_type(req.headers), req.body),
-                    BodyKind::Form
-                ) {
-                    for (k, v) in url::form_urlencoded::parse(req.body) {
-                        if k == "_method" {
-                            effective.push(v.trim().to_ascii_uppercase());
-                        }
-                    }
-                }
             }
-            let listed = |m: &String| ms.contains(m);
-            t = t.min(Tri::of(
-                effective.iter().all(listed),
-                effective.iter().any(listed),
-            ));
-        }
-        if self.scheme.is_some_and(|s| s != req.url.scheme()) {
-            return Tri::No;
-        }
-        if let Some(h) = &self.host {
-            let host = req.url.host_str().unwrap_or("");
-            match Host::parse(host.trim_start_matches('[').trim_end_matches(']')) {
-                Ok(host) if h.matches(&host) => {}
-                _ => return Tri::No,
-            }
-        }
-        if let (Some(p), Some(loose)) = (&self.path, &self.loose_path) {
-            let normalized = normalize_path(req.url.path());
-            let exact = p.matches(&normalized);
-            let alike = exact || loose_paths(&normalized).iter().any(|l| loose.matches(l));
-            t = t.min(Tri::of(exact, alike));
-        }
-        t
+            effective
+        })
+    }
+
+    fn path(&self) -> &str {
+        self.path
+            .get_or_init(|| normalize_path(self.subject.url.path()))
+    }
+
+    fn loose_paths(&self) -> &[String; 2] {
+        self.loose.get_or_init(|| loose_paths(self.path()))
     }
 }
 
@@ -751,16 +806,23 @@ impl FieldCondition {
 /// Every occurrence of every field of a request: by folded name, and in body order with
 /// the names as sent (for people).
 #[derive(Debug, Default)]
-struct Fields {
+struct Fields<'w> {
     by_name: BTreeMap<String, Vec<FieldValue>>,
     in_order: Vec<(String, FieldValue)>,
     /// The body is there but is not form or JSON chaperone could read.
     unreadable: bool,
+    /// Keep only these (folded) names, and nothing in order; `None`: everything.
+    wanted: Option<&'w std::collections::HashSet<String>>,
 }
 
-impl Fields {
-    fn of(req: &Subject<'_>) -> Fields {
-        let mut f = Fields::default();
+impl<'w> Fields<'w> {
+    /// The fields of `req`; only those named in `wanted`, when given (matching), else all of
+    /// them, in order too (for people).
+    fn of(req: &Subject<'_>, wanted: Option<&'w std::collections::HashSet<String>>) -> Self {
+        let mut f = Fields {
+            wanted,
+            ..Fields::default()
+        };
         for (k, v) in req.url.query_pairs() {
             f.push(k.into_owned(), FieldValue::Text(v.into_owned()));
         }
@@ -785,11 +847,15 @@ impl Fields {
     }
 
     fn push(&mut self, name: String, v: FieldValue) {
-        self.by_name
-            .entry(fold_name(&name))
-            .or_default()
-            .push(v.clone());
-        self.in_order.push((name, v));
+        let folded = fold_name(&name);
+        match &self.wanted {
+            Some(w) if !w.contains(&folded) => {}
+            Some(_) => self.by_name.entry(folded).or_default().push(v),
+            None => {
+                self.by_name.entry(folded).or_default().push(v.clone());
+                self.in_order.push((name, v));
+            }
+        }
     }
 
     fn get(&self, folded: &str) -> &[FieldValue] {
@@ -837,7 +903,7 @@ enum Node {
 }
 
 impl Node {
-    fn flatten(self, path: &str, out: &mut Fields) {
+    fn flatten(self, path: &str, out: &mut Fields<'_>) {
         match self {
             Node::Object(members) => {
                 if !path.is_empty() {
