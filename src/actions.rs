@@ -832,10 +832,19 @@ impl<'w> Fields<'w> {
 
     fn read_body(&mut self, content_type: Option<&str>, body: &[u8]) {
         match body_kind(content_type, body) {
-            BodyKind::Json => match serde_json::from_slice::<Node>(body) {
-                Ok(node) => node.flatten("", self),
-                Err(_) => self.unreadable = true,
-            },
+            BodyKind::Json => {
+                use serde::de::DeserializeSeed;
+                let mut de = serde_json::Deserializer::from_slice(body);
+                let read = Collect {
+                    path: String::new(),
+                    out: self,
+                }
+                .deserialize(&mut de)
+                .and_then(|()| de.end());
+                if read.is_err() {
+                    self.unreadable = true;
+                }
+            }
             BodyKind::Form => {
                 for (k, v) in url::form_urlencoded::parse(body) {
                     self.push(k.into_owned(), FieldValue::Text(v.into_owned()));
@@ -856,6 +865,23 @@ impl<'w> Fields<'w> {
                 self.in_order.push((name, v));
             }
         }
+    }
+
+    /// Whether a field at `path`, or below it, may be wanted.
+    fn may_want(&self, path: &str) -> bool {
+        let Some(w) = self.wanted else {
+            return true;
+        };
+        let folded = fold_name(path);
+        // A name of array indices or brackets alone folds to nothing: what is below it can
+        // still be wanted.
+        if folded.is_empty() {
+            return true;
+        }
+        w.iter().any(|n| {
+            n == &folded
+                || (n.starts_with(folded.as_str()) && n.as_bytes().get(folded.len()) == Some(&b'.'))
+        })
     }
 
     fn get(&self, folded: &str) -> &[FieldValue] {
@@ -894,86 +920,89 @@ fn body_kind(content_type: Option<&str>, body: &[u8]) -> BodyKind {
     }
 }
 
-/// A JSON value that keeps every member of an object, duplicates included (`serde_json::Value`
-/// keeps only the last, while a server may read the first).
-enum Node {
-    Object(Vec<(String, Node)>),
-    Array(Vec<Node>),
-    Leaf(FieldValue),
+/// Reads a JSON body into [`Fields`] as it is parsed: every member of an object is kept,
+/// duplicates included (`serde_json::Value` keeps only the last, while a server may read the
+/// first), an array adds no name (`items.price` is every item's price), and a subtree no
+/// wanted name lies in is skipped unread.
+struct Collect<'f, 'w> {
+    path: String,
+    out: &'f mut Fields<'w>,
 }
 
-impl Node {
-    fn flatten(self, path: &str, out: &mut Fields<'_>) {
-        match self {
-            Node::Object(members) => {
-                if !path.is_empty() {
-                    out.push(path.to_string(), FieldValue::Other);
-                }
-                for (k, v) in members {
-                    let p = if path.is_empty() {
-                        k
-                    } else {
-                        format!("{path}.{k}")
-                    };
-                    v.flatten(&p, out);
-                }
-            }
-            // An array adds no name: `items.price` is every item's price.
-            Node::Array(items) => {
-                for v in items {
-                    v.flatten(path, out);
-                }
-            }
-            Node::Leaf(v) => out.push(path.to_string(), v),
-        }
+impl<'de> serde::de::DeserializeSeed<'de> for Collect<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Node;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Node, E> {
-                Ok(Node::Leaf(FieldValue::Bool(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Node, E> {
-                Ok(Node::Leaf(FieldValue::Number(v as f64)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Node, E> {
-                Ok(Node::Leaf(FieldValue::Number(v as f64)))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Node, E> {
-                Ok(Node::Leaf(FieldValue::Number(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Node, E> {
-                Ok(Node::Leaf(FieldValue::Text(v.to_string())))
-            }
-            fn visit_unit<E>(self) -> Result<Node, E> {
-                Ok(Node::Leaf(FieldValue::Other))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
-                let mut items = Vec::new();
-                while let Some(v) = a.next_element()? {
-                    items.push(v);
-                }
-                Ok(Node::Array(items))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
-                let mut members = Vec::new();
-                while let Some((k, v)) = a.next_entry::<String, Node>()? {
-                    members.push((k, v));
-                }
-                Ok(Node::Object(members))
-            }
-        }
-        d.deserialize_any(V)
+impl Collect<'_, '_> {
+    fn leaf(self, v: FieldValue) {
+        self.out.push(self.path, v);
     }
 }
 
+impl<'de> serde::de::Visitor<'de> for Collect<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.leaf(FieldValue::Bool(v));
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.leaf(FieldValue::Number(v as f64));
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.leaf(FieldValue::Number(v as f64));
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.leaf(FieldValue::Number(v));
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.leaf(FieldValue::Text(v.to_string()));
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.leaf(FieldValue::Other);
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        while a
+            .next_element_seed(Collect {
+                path: self.path.clone(),
+                out: &mut *self.out,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        if !self.path.is_empty() {
+            self.out.push(self.path.clone(), FieldValue::Other);
+        }
+        while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+            let path = if self.path.is_empty() {
+                k.into_owned()
+            } else {
+                format!("{}.{k}", self.path)
+            };
+            if self.out.may_want(&path) {
+                a.next_value_seed(Collect {
+                    path,
+                    out: &mut *self.out,
+                })?;
+            } else {
+                a.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
 /// The `max_count` budgets of one session's rules: requests sent and requests on their way.
 #[derive(Debug)]
 pub struct Budgets {
@@ -1360,6 +1389,37 @@ mod tests {
             Some((0, true))
         );
         assert_eq!(hit_with(&big, "POST", u, &[], "amount=5"), None);
+    }
+
+    #[test]
+    fn json_subtrees_no_rule_names_are_skipped_but_still_checked() {
+        let p = rules(SHOP);
+        let json = Some("application/json");
+        let u = "http://shop.test/checkout";
+        // The wanted field under keys that fold away, and a big unwanted subtree.
+        assert_eq!(
+            hit(&p, "POST", u, json, r#"{"0": {"amount": 500}}"#),
+            Some(1)
+        );
+        assert_eq!(
+            hit(
+                &p,
+                "POST",
+                u,
+                json,
+                r#"{"items": [{"x": {"y": [1, 2, {"z": 3}]}}], "amount": 7}"#
+            ),
+            Some(0)
+        );
+        // A syntax error in a skipped subtree still makes the body unreadable.
+        assert_eq!(
+            hit(&p, "POST", u, json, r#"{"items": [1, 2,, 3], "amount": 7}"#),
+            Some(1)
+        );
+        assert_eq!(
+            hit(&p, "POST", u, json, r#"{"amount": 7} trailing"#),
+            Some(1)
+        );
     }
 
     #[test]
