@@ -91,6 +91,30 @@ pub struct Injected {
     pub tokens: Vec<String>,
 }
 
+/// Why a credential did not ride on a request to its site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Withheld {
+    /// The request does not come from a first-party context.
+    NotFirstParty,
+    /// The credential is `on_approval` and no human approved this request.
+    AwaitsApproval,
+    /// The session resumed recently (`resume_quiet_secs`); set by the broker.
+    Quiet,
+}
+
+impl Withheld {
+    /// The reason an audit record gives.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Withheld::NotFirstParty => "the request does not come from a first-party context",
+            Withheld::AwaitsApproval => {
+                "the credential rides only on a request a human approved (on_approval)"
+            }
+            Withheld::Quiet => "the session resumed recently (resume_quiet_secs)",
+        }
+    }
+}
+
 /// The broker's answer for one request. Its `Debug` shows header names only: the header list
 /// carries injected values.
 #[derive(Clone, PartialEq, Eq)]
@@ -103,8 +127,8 @@ pub enum Decision {
         injected: Option<Injected>,
         /// Authentication headers removed from a request to a site without a credential.
         stripped: Vec<String>,
-        /// A credential's site was requested from a context that may not use it.
-        withheld: Option<usize>,
+        /// A credential's site was requested without it, and why.
+        withheld: Option<(usize, Withheld)>,
     },
     /// Fail it: it carries authentication headers to a site without a credential and the
     /// mandate says `unlisted_credentials = "block"`.
@@ -242,14 +266,19 @@ pub fn decide(req: &Request<'_>, vault: &Vault, unlisted: UnlistedCredentials) -
     };
 
     let cred = &vault.credentials()[cred_index];
-    if !first_party(req, &cred.site, &cred.initiators)
-        || (cred.on_approval && !req.context.approved)
-    {
+    let withheld = if !first_party(req, &cred.site, &cred.initiators) {
+        Some(Withheld::NotFirstParty)
+    } else if cred.on_approval && !req.context.approved {
+        Some(Withheld::AwaitsApproval)
+    } else {
+        None
+    };
+    if let Some(why) = withheld {
         return Decision::Continue {
             headers: None,
             injected: None,
             stripped: Vec::new(),
-            withheld: Some(cred_index),
+            withheld: Some((cred_index, why)),
         };
     }
 
@@ -569,7 +598,7 @@ mod tests {
                 headers: None,
                 injected: None,
                 stripped: Vec::new(),
-                withheld: Some(0),
+                withheld: Some((0, Withheld::AwaitsApproval)),
             }
         );
         let mut ctx = same_site();
@@ -592,7 +621,7 @@ mod tests {
             cross,
             Decision::Continue {
                 injected: None,
-                withheld: Some(0),
+                withheld: Some((0, Withheld::NotFirstParty)),
                 ..
             }
         ));
@@ -689,7 +718,7 @@ mod tests {
             decide(&req(&u, &hs, ctx.clone()), &v, UnlistedCredentials::Strip),
             Decision::Continue {
                 injected: None,
-                withheld: Some(0),
+                withheld: Some((0, Withheld::NotFirstParty)),
                 ..
             }
         ));
@@ -717,7 +746,7 @@ mod tests {
             decide(&r, &v, UnlistedCredentials::Strip),
             Decision::Continue {
                 injected: None,
-                withheld: Some(0),
+                withheld: Some((0, Withheld::NotFirstParty)),
                 ..
             }
         ));

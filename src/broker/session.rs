@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::decide::{decide, first_party, header, Context, Decision, Request};
+use super::decide::{decide, header, Context, Decision, Request, Withheld};
 use super::oauth;
 use super::upstream::{Revocation, Upstream};
 use crate::actions::{
@@ -847,51 +847,33 @@ impl State {
         let quiet = lock(&self.quiet_until).is_some_and(|t| std::time::Instant::now() < t);
         // During a quiet period an injection becomes a withholding: the request goes as
         // the browser made it, which for a credential site means without credentials.
-        let (d, why_withheld) = match d {
+        let d = match d {
             Decision::Continue {
                 injected: Some(inj),
                 ..
-            } if quiet => (
-                Decision::Continue {
-                    headers: None,
-                    injected: None,
-                    stripped: Vec::new(),
-                    withheld: Some(inj.credential),
-                },
-                "the session resumed recently (resume_quiet_secs)",
-            ),
-            Decision::Continue {
-                withheld: Some(i), ..
-            } if vault.credentials()[i].on_approval
-                && first_party(
-                    &req,
-                    &vault.credentials()[i].site,
-                    &vault.credentials()[i].initiators,
-                ) =>
-            {
-                (
-                    d,
-                    "the credential rides only on a request a human approved (on_approval)",
-                )
-            }
-            d => (d, "the request does not come from a first-party context"),
+            } if quiet => Decision::Continue {
+                headers: None,
+                injected: None,
+                stripped: Vec::new(),
+                withheld: Some((inj.credential, Withheld::Quiet)),
+            },
+            d => d,
         };
         // Names for the audit record, read while the vault is at hand.
         let name_of = |i: usize| vault.credentials()[i].id.clone();
-        let (injected_name, withheld_name) = match &d {
+        let (injected_name, withheld) = match &d {
             Decision::Continue {
                 injected, withheld, ..
             } => (
                 injected.as_ref().map(|i| name_of(i.credential)),
-                withheld.map(name_of),
+                withheld.map(|(i, why)| (name_of(i), why.reason())),
             ),
             _ => (None, None),
         };
         Decided {
             decision: d,
             injected_name,
-            withheld_name,
-            why_withheld,
+            withheld,
         }
     }
 
@@ -907,8 +889,7 @@ impl State {
         let Decided {
             decision,
             injected_name,
-            withheld_name,
-            why_withheld,
+            withheld,
         } = decided;
         match decision {
             Decision::Continue {
@@ -924,7 +905,7 @@ impl State {
                         json!({"credential": name, "host": host, "tokens": inj.tokens}),
                     );
                 }
-                if let Some(name) = withheld_name {
+                if let Some((name, why_withheld)) = withheld {
                     let initiator = header(headers, "origin")
                         .or_else(|| header(headers, "referer"))
                         .and_then(|v| Url::parse(v).ok())
@@ -1555,8 +1536,8 @@ enum Gate {
 struct Decided {
     decision: Decision,
     injected_name: Option<String>,
-    withheld_name: Option<String>,
-    why_withheld: &'static str,
+    /// The credential withheld and the reason.
+    withheld: Option<(String, &'static str)>,
 }
 
 /// Most body fields an approval shows.
