@@ -160,6 +160,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `s` as the name of a person the audit log records (an approver): trimmed, 1 to 128
+/// characters, no control characters; `None` otherwise.
+pub fn person(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control)).then(|| s.to_string())
+}
+
 /// A fresh approval id.
 pub fn new_id() -> String {
     format!("apr_{}", hex::encode(rand::random::<[u8; 12]>()))
@@ -261,6 +268,14 @@ impl Approvals {
     pub fn expire(&self, id: &str) -> Option<Approval> {
         let entry = lock(&self.pending).remove(id)?;
         self.remember(id.to_string(), Settled::Expired);
+        Some(entry.view)
+    }
+
+    /// Ends approval `id` undecided because its session ended. Returns it, or `None` when
+    /// something else settled it first.
+    pub fn cancel(&self, id: &str) -> Option<Approval> {
+        let entry = lock(&self.pending).remove(id)?;
+        self.remember(id.to_string(), Settled::Cancelled);
         Some(entry.view)
     }
 

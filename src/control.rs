@@ -292,13 +292,12 @@ async fn decide_approval(
             );
         }
     };
-    let by = d.by.trim().to_string();
-    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+    let Some(by) = crate::approvals::person(&d.by) else {
         return error(
             StatusCode::BAD_REQUEST,
             "by: must name who decides: 1 to 128 characters, no control characters",
         );
-    }
+    };
     let verdict = match d.decision.as_str() {
         "approve" => crate::approvals::Verdict::Approved { by: by.clone() },
         "deny" => crate::approvals::Verdict::Denied { by: by.clone() },

@@ -455,7 +455,11 @@ async fn ask(
     let asked = loop {
         // The session's end cancels its approvals; a wait that began as it ended stops here.
         if session.ending.is_cancelled() {
-            reg.approvals.cancel_session(&session.id);
+            // Listed after the end cancelled the session's approvals, or cancelled by it:
+            // whoever takes it off the list records it.
+            if reg.approvals.cancel(&id).is_some() {
+                record_cancelled(&reg, &session.id, &id);
+            }
             break Asked::Cancelled;
         }
         let waited = tokio::select! {
@@ -494,6 +498,15 @@ async fn ask(
         })
         .inc();
     asked
+}
+
+/// Records that a request held for a human was given up because its session ended.
+fn record_cancelled(reg: &Registry, session: &str, approval: &str) {
+    reg.audit.record_detached(
+        "action.expired",
+        Some(session),
+        json!({"approval": approval, "reason": "the session ended before a decision"}),
+    );
 }
 
 /// Audits what the proxy refuses and counts what it sees.
@@ -604,11 +617,7 @@ async fn end(
     session.drop_parked();
     // Requests held for a human die with the browser: nobody can decide them any more.
     for a in reg.approvals.cancel_session(&session.id) {
-        reg.audit.record_detached(
-            "action.expired",
-            Some(&session.id),
-            json!({"approval": a.id, "reason": "the session ended before a decision"}),
-        );
+        record_cancelled(reg, &session.id, &a.id);
     }
     // Held values go first: nothing is injected from here on, whatever the kill takes.
     let broker = session

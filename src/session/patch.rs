@@ -153,17 +153,17 @@ pub fn prepare(
     }
     let approved_by = match body.get("approved_by") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s))
-            if !s.trim().is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) =>
-        {
-            Some(s.trim().to_string())
-        }
-        Some(_) => {
-            return Err(invalid(
-                "approved_by",
-                "must name who approved the change: 1 to 128 characters, no control characters",
-            ))
-        }
+        Some(v) => Some(
+            v.as_str()
+                .and_then(crate::approvals::person)
+                .ok_or_else(|| {
+                    invalid(
+                        "approved_by",
+                        "must name who approved the change: 1 to 128 characters, no control \
+                         characters",
+                    )
+                })?,
+        ),
     };
 
     // The changed mandate, built on the one in force through its own serde forms, so every
