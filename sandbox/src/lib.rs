@@ -37,7 +37,7 @@ pub use error::{Cause, Error};
 pub use handle::{launch, probe, BrowserIo, Handle, Launched, LAUNCH_TIMEOUT};
 pub use idmap::{map_line, parse_map, to_outside};
 pub use landlock::kernel_abi as landlock_abi;
-pub use namespaces::{ns_ids_of, processes_in, stat_state};
+pub use namespaces::{ns_ids_of, processes_in};
 pub use probe::{HostReport, LayerReport, CHROMIUM_USERNS_LEVELS};
 pub use rlimits::nofile_limit;
 pub use rootfs::{mount_points_under, remount_flags};

@@ -174,20 +174,6 @@ fn belongs(pid_dir: &Path, ns: &NsIds) -> bool {
     open_ns(pid_dir, "user").is_some_and(|fd| descends_from(fd, ns.user))
 }
 
-/// The state letter of a `/proc/PID/stat` text (`R`, `S`, `Z`, ...). The command name may
-/// contain spaces and parentheses, so the state is read after the last `)`.
-pub fn stat_state(text: &str) -> Option<char> {
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_whitespace().next()?.chars().next()
-}
-
-fn is_zombie(pid_dir: &Path) -> bool {
-    fs::read_to_string(pid_dir.join("stat"))
-        .ok()
-        .and_then(|t| stat_state(&t))
-        .is_some_and(|s| s == 'Z' || s == 'X')
-}
-
 /// Every live host pid whose pid or user namespace is the session's (or nested below it).
 /// Every process of a session is in its user namespace or one nested below (none can leave
 /// it for an ancestor), so this finds them all. Mount and network namespaces are not
@@ -202,7 +188,7 @@ pub fn processes_in(ns: &NsIds) -> Vec<i32> {
     let mut pids: Vec<i32> = other_pids()
         .filter(|&pid| {
             let dir = PathBuf::from(format!("/proc/{pid}"));
-            belongs(&dir, ns) && !is_zombie(&dir)
+            belongs(&dir, ns) && !crate::posture::stat_of(pid).is_ok_and(|s| s.is_gone())
         })
         .collect();
     pids.sort_unstable();
@@ -254,13 +240,6 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(found.contains(&(child.id() as i32)), "{found:?}");
-    }
-
-    #[test]
-    fn stat_state_survives_odd_command_names() {
-        assert_eq!(stat_state("42 (chromium) S 1 42 42 0"), Some('S'));
-        assert_eq!(stat_state("42 (a) b) (c) Z 1 42"), Some('Z'));
-        assert_eq!(stat_state("42 (x"), None);
     }
 
     #[test]
