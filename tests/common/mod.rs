@@ -674,6 +674,26 @@ pub async fn connect_tls(
     .map_err(|e| format!("TLS handshake: {e}"))
 }
 
+/// Why the server at `url` refuses a TLS client that presents no certificate: the client
+/// finishes its side of the handshake, sends nothing, and reads. Under TLS 1.3 the server judges
+/// the (empty) certificate only after the client's side is done, so the refusal arrives as an
+/// alert on that read. Sending nothing first keeps it deterministic: a request already in
+/// flight can meet a reset, or an HTTP client that reads while idle can swallow the alert.
+/// `Ok` holds what was read instead, when the server did not refuse.
+pub async fn tls_refusal_without_certificate(url: &str, ca_pem: &[u8]) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut tls = connect_tls(url, ca_pem, None).await?;
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(Duration::from_secs(20), tls.read(&mut buf)).await {
+        Err(_) => Ok("nothing within 20 s: the connection stayed open".into()),
+        Ok(Ok(n)) => Ok(format!(
+            "{n} bytes: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
 /// A CDP websocket to `url` (`wss://…`) over TLS trusting `ca_pem`, presenting `client`
 /// (certificate PEM, key PEM) when asked. `Err` says why, TLS alerts included.
 ///
@@ -752,7 +772,8 @@ pub async fn https_get(
                 Ok((status, v))
             }
             // A TLS 1.3 client finishes its side of the handshake before the server has seen
-            // its certificate, so a refusal arrives as an alert on the first read.
+            // its certificate, so a refusal arrives on the first read: as an alert, or, when
+            // the connection read it while idle, as a connection closed before the request.
             Err(e) => Err(format!("{e}; connection: {:?}", conn.await)),
         }
     };
