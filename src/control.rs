@@ -11,15 +11,21 @@
 //! `GET /v1/audit?session=ID[&event=PREFIX]` (the session's audit records); `GET /healthz`;
 //! `GET /metrics`. Errors are
 //! `{"error": "<what and which field>"}` with a 4xx/5xx status; bad input launches nothing.
+//!
+//! A decision a person claims (`by` on an approval, `approved_by` on a widening) is recorded
+//! with the [`Caller`] the kernel reports for the connection that carried it, so the audit log
+//! holds who sent it as well as whom it names.
 
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -55,6 +61,69 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/sessions") })
         .layer(axum::middleware::from_fn_with_state(ctl.clone(), auth))
         .with_state(ctl)
+}
+
+/// Who is at the other end of a control connection, as the kernel reports it rather than as the
+/// caller claims: on the Unix socket the peer's credentials (`SO_PEERCRED`), over TCP its
+/// address (every TCP caller has shown the operator token when one is configured). Serve the
+/// router with `into_make_service_with_connect_info::<Caller>()`.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// `None` when the kernel would not say (it always does on Linux).
+    Unix {
+        uid: Option<u32>,
+        pid: Option<i32>,
+    },
+    Tcp {
+        addr: std::net::SocketAddr,
+    },
+}
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(c) => Caller::Unix {
+                uid: Some(c.uid()),
+                // 0 when the peer sits in a PID namespace this one cannot see into.
+                pid: c.pid().filter(|p| *p > 0),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: the peer's credentials are unknown");
+                Caller::Unix {
+                    uid: None,
+                    pid: None,
+                }
+            }
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Caller::Tcp {
+            addr: *stream.remote_addr(),
+        }
+    }
+}
+
+impl Caller {
+    /// `{"transport": "unix", "uid", "user", "pid"}` or `{"transport": "tcp", "addr", "token"}`.
+    fn to_json(&self, token: bool) -> serde_json::Value {
+        match self {
+            Caller::Unix { uid, pid } => {
+                let user = uid.and_then(|u| {
+                    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
+                        .ok()
+                        .flatten()
+                        .map(|u| u.name)
+                });
+                json!({"transport": "unix", "uid": uid, "user": user, "pid": pid})
+            }
+            Caller::Tcp { addr } => {
+                json!({"transport": "tcp", "addr": addr.to_string(), "token": token})
+            }
+        }
+    }
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -137,7 +206,12 @@ async fn create(State(ctl): State<Ctl>, req: Request<Body>) -> Response {
     }
 }
 
-async fn change(State(ctl): State<Ctl>, Path(id): Path<String>, req: Request<Body>) -> Response {
+async fn change(
+    State(ctl): State<Ctl>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Path(id): Path<String>,
+    req: Request<Body>,
+) -> Response {
     let limit = ctl.reg.config().limits.max_mandate_bytes;
     let Ok(bytes) = axum::body::to_bytes(req.into_body(), limit).await else {
         return error(
@@ -148,7 +222,8 @@ async fn change(State(ctl): State<Ctl>, Path(id): Path<String>, req: Request<Bod
     let Ok(text) = std::str::from_utf8(&bytes) else {
         return error(StatusCode::BAD_REQUEST, "change: body is not UTF-8 JSON");
     };
-    match ctl.reg.change(&id, text).await {
+    let caller = caller.to_json(ctl.token.is_some());
+    match ctl.reg.change(&id, text, caller).await {
         Ok((s, changes)) => {
             let mut view = s.view(ctl.reg.urls());
             view["changes"] = changes.iter().map(|c| c.to_json()).collect();
@@ -264,6 +339,7 @@ async fn list_approvals(State(ctl): State<Ctl>, RawQuery(q): RawQuery) -> Respon
 /// request is released or failed; if it cannot be recorded the request stays held (503).
 async fn decide_approval(
     State(ctl): State<Ctl>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
@@ -311,7 +387,13 @@ async fn decide_approval(
     // On its own task: a client that goes away while the decision is recorded must not
     // leave it half applied (recorded, but its request neither sent nor failed).
     let reg = ctl.reg.clone();
-    tokio::spawn(apply_decision(reg, id, verdict, by, d.decision))
+    let decided = Decided {
+        verdict,
+        by,
+        caller: caller.to_json(ctl.token.is_some()),
+        decision: d.decision,
+    };
+    tokio::spawn(apply_decision(reg, id, decided))
         .await
         .unwrap_or_else(|e| {
             error(
@@ -321,14 +403,22 @@ async fn decide_approval(
         })
 }
 
-/// Takes approval `id` off the pending list, records the decision durably, then delivers it.
-async fn apply_decision(
-    reg: Arc<Registry>,
-    id: String,
+/// A person's decision on a held request, and the connection that carried it.
+struct Decided {
     verdict: crate::approvals::Verdict,
     by: String,
+    caller: serde_json::Value,
     decision: String,
-) -> Response {
+}
+
+/// Takes approval `id` off the pending list, records the decision durably, then delivers it.
+async fn apply_decision(reg: Arc<Registry>, id: String, decided: Decided) -> Response {
+    let Decided {
+        verdict,
+        by,
+        caller,
+        decision,
+    } = decided;
     let approvals = reg.approvals();
     let taken = match approvals.take(&id) {
         Ok(t) => t,
@@ -347,8 +437,8 @@ async fn apply_decision(
         .record(
             event,
             Some(&view.session),
-            json!({"approval": view.id, "by": by, "decided_by": "human", "method": view.method, "url": view.url,
-                   "rule": view.rule}),
+            json!({"approval": view.id, "by": by, "caller": caller, "decided_by": "human",
+                   "method": view.method, "url": view.url, "rule": view.rule}),
         )
         .await;
     if let Err(e) = recorded {
@@ -365,7 +455,8 @@ async fn apply_decision(
             format!("approval `{id}`: its session ended before the decision arrived"),
         );
     }
-    Json(json!({"approval": view, "decision": decision, "by": by})).into_response()
+    Json(json!({"approval": view, "decision": decision, "by": by, "caller": caller}))
+        .into_response()
 }
 
 /// `POST /v1/agent-keys` `{"label": "…"}`: 201 with `id`, `label`, `created_at` and `key`, the

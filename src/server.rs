@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditKey, FileOptions};
 use crate::config::{Config, ControlAddr, TlsConfig};
+use crate::control::Caller;
 use crate::metrics::Metrics;
 use crate::session::{AgentUrls, Registry};
 use crate::tls::Peer;
@@ -106,7 +107,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             let l = bind_unix(path)?;
             let stop = stop.clone();
             servers.push(tokio::spawn(async move {
-                let r = axum::serve(l, control_app)
+                let app = control_app.into_make_service_with_connect_info::<Caller>();
+                let r = axum::serve(l, app)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await;
                 if let Err(e) = r {
@@ -120,7 +122,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 .with_context(|| format!("control: cannot bind {addr}"))?;
             let stop = stop.clone();
             servers.push(tokio::spawn(async move {
-                let r = axum::serve(l, control_app)
+                let app = control_app.into_make_service_with_connect_info::<Caller>();
+                let r = axum::serve(l, app)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await;
                 if let Err(e) = r {

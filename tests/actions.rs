@@ -159,6 +159,8 @@ fn an_approved_checkout_is_sent_once_and_the_agent_sees_nothing_of_the_approval(
     assert_eq!(requested["method"], "POST");
     let approved = sup.wait_audit("action.approved", |r| r["event"] == "action.approved");
     assert_eq!(approved["by"], "alice");
+    // "alice" is what the caller claims; the record also holds who sent it, as the kernel says.
+    assert_eq!(approved["caller"], this_process_as_caller());
     assert_eq!(approved["approval"], requested["approval"]);
     assert!(sup.events("action.denied").is_empty());
     assert!(sup.api("GET", "/v1/approvals", None).1["approvals"]
@@ -524,8 +526,19 @@ fn the_cli_lists_approves_and_denies() {
         );
     });
     assert_eq!(shop.orders().len(), 1);
-    assert_eq!(sup.events("action.approved")[0]["by"], "erin");
+    let approved = &sup.events("action.approved")[0];
+    assert_eq!(approved["by"], "erin");
     assert_eq!(sup.events("action.denied")[0]["by"], "frank");
+    // The CLI's own process sent it, as the same user.
+    let caller = &approved["caller"];
+    assert_eq!(caller["transport"], "unix", "{approved}");
+    assert_eq!(caller["uid"], this_process_as_caller()["uid"], "{approved}");
+    assert!(
+        caller["pid"]
+            .as_u64()
+            .is_some_and(|p| p != u64::from(std::process::id())),
+        "{approved}"
+    );
 }
 
 #[test]

@@ -355,6 +355,7 @@ fn ag120_4_3_narrowing_egress_holds_from_the_next_request() {
         r["event"] == "mandate.narrowed" && r["session"] == id
     });
     assert_eq!(narrowed["approved_by"], Value::Null);
+    assert_eq!(narrowed["caller"], this_process_as_caller());
     sup.wait_audit("egress.denied for b.test", |r| {
         r["event"] == "egress.denied" && r["host"] == "b.test" && r["code"] == "not_allowed"
     });
@@ -432,6 +433,7 @@ fn ag120_4_3_widening_needs_approved_by_and_the_agent_has_no_path_to_it() {
         r["event"] == "mandate.widened" && r["session"] == id
     });
     assert_eq!(widened["approved_by"], "sec-oncall@example.com");
+    assert_eq!(widened["caller"], this_process_as_caller());
     assert_eq!(widened["changes"][0]["field"], "egress.allow");
     assert_eq!(widened["changes"][0]["widened"], true);
     rt().block_on(async {

@@ -149,6 +149,26 @@ fn tcp_control_api_needs_the_operator_token() {
         None,
     );
     assert_eq!(st, 200, "{body}");
+    // A change made over TCP is recorded with the address it came from and the token shown.
+    let token = Some("operator-token-0123456789abcdef");
+    let m = mandate(60, &["site.test"]).to_string();
+    let (st, created) = call(token, "POST", "/v1/sessions", Some(m));
+    assert_eq!(st, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/sessions/{id}");
+    let (st, body) = call(token, "PATCH", &path, Some(r#"{"ttl_secs": 30}"#.into()));
+    assert_eq!(st, 200, "{body}");
+    let narrowed = sup.wait_audit("mandate.narrowed", |r| r["event"] == "mandate.narrowed");
+    let caller = &narrowed["caller"];
+    assert_eq!(
+        (&caller["transport"], &caller["token"]),
+        (&json!("tcp"), &json!(true)),
+        "{narrowed}"
+    );
+    assert!(
+        caller["addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{narrowed}"
+    );
     // The CLI speaks the same protocol.
     let out = Command::new(bin())
         .args([

@@ -362,13 +362,14 @@ impl Registry {
 
     /// Changes a live session's mandate (`PATCH /v1/sessions/{id}`, see [`super::patch`]).
     /// A narrowing is put in force first and then audited (`mandate.narrowed`); a widening is
-    /// audited first (`mandate.widened`, with `approved_by`) and then put in force. Either way
-    /// the record is durable before this returns, and the change holds from the session's
-    /// next request on.
+    /// audited first (`mandate.widened`, with `approved_by`) and then put in force. Both records
+    /// carry `caller`, the control connection the change came over. Either way the record is
+    /// durable before this returns, and the change holds from the session's next request on.
     pub async fn change(
         &self,
         id: &str,
         body: &str,
+        caller: serde_json::Value,
     ) -> Result<(Arc<Session>, Vec<super::patch::Change>), RegistryError> {
         let s = self
             .get(id)
@@ -390,6 +391,7 @@ impl Registry {
         let record = json!({
             "agent": s.mandate().source.agent,
             "approved_by": patched.approved_by,
+            "caller": caller,
             "changes": changes_json,
             "governance_version": s.governance_version() + 1,
         });

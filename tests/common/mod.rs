@@ -212,6 +212,14 @@ pub fn control_api(
     })
 }
 
+/// The `caller` the supervisor records for a control request sent by this test process over
+/// the Unix socket: the kernel's word for who we are.
+pub fn this_process_as_caller() -> Value {
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid).unwrap().map(|u| u.name);
+    json!({"transport": "unix", "uid": uid.as_raw(), "user": user, "pid": std::process::id()})
+}
+
 /// The audit log's records. The supervisor may be writing a record while the test reads:
 /// a last line without its newline is not a record yet and is left for the next read. Every
 /// complete line must parse.
