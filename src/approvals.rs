@@ -95,6 +95,8 @@ pub enum Settled {
     Expired,
     /// Its session ended first.
     Cancelled,
+    /// The page cancelled the request first (an abort, a navigation, a closed tab).
+    Abandoned,
 }
 
 /// Why an approval cannot be decided.
@@ -240,6 +242,7 @@ impl Approvals {
                     Settled::Denied { by } => format!("denied by {by}"),
                     Settled::Expired => "expired (no decision within approval_timeout_secs)".into(),
                     Settled::Cancelled => "its session ended".into(),
+                    Settled::Abandoned => "the page cancelled the request before a decision".into(),
                 },
             },
             None => NotPending::Unknown(id.to_string()),
@@ -266,16 +269,24 @@ impl Approvals {
     /// Ends approval `id` undecided (its time is up). Returns it, or `None` when a decision
     /// took it first.
     pub fn expire(&self, id: &str) -> Option<Approval> {
-        let entry = lock(&self.pending).remove(id)?;
-        self.remember(id.to_string(), Settled::Expired);
-        Some(entry.view)
+        self.end(id, Settled::Expired)
     }
 
     /// Ends approval `id` undecided because its session ended. Returns it, or `None` when
     /// something else settled it first.
     pub fn cancel(&self, id: &str) -> Option<Approval> {
+        self.end(id, Settled::Cancelled)
+    }
+
+    /// Ends approval `id` undecided because the page cancelled its request. Returns it, or
+    /// `None` when something else settled it first.
+    pub fn abandon(&self, id: &str) -> Option<Approval> {
+        self.end(id, Settled::Abandoned)
+    }
+
+    fn end(&self, id: &str, how: Settled) -> Option<Approval> {
         let entry = lock(&self.pending).remove(id)?;
-        self.remember(id.to_string(), Settled::Cancelled);
+        self.remember(id.to_string(), how);
         Some(entry.view)
     }
 

@@ -57,7 +57,7 @@ pub struct Metrics {
     /// Requests held for a human's approval now.
     pub approvals_pending: Gauge,
     /// Requests held for a human's approval, by outcome (`approved`, `denied`, `expired`,
-    /// `cancelled`).
+    /// `abandoned` by the page, `cancelled`).
     pub approvals: Family<OutcomeLabel, Counter>,
     /// Action rule decisions recorded in the audit log, by event without its `action.` prefix
     /// (`denied`, `sent`, …).

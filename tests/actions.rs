@@ -221,6 +221,85 @@ fn a_denied_checkout_and_an_unanswered_one_never_reach_the_shop() {
     assert!(sup.events("action.approved").is_empty());
 }
 
+/// Waits (bounded) until no approval is pending.
+fn none_pending(sup: &Supervisor) {
+    for _ in 0..600 {
+        let (status, body) = sup.api("GET", "/v1/approvals", None);
+        assert_eq!(status, 200, "{body}");
+        if body["approvals"].as_array().unwrap().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("a request the page gave up is still listed");
+}
+
+/// A held request the page gives up (its own abort, a navigation, a closed tab) leaves the
+/// list at once: nobody is asked about a request that no longer exists, a late decision is
+/// told what happened, and nothing is sent.
+#[test]
+fn a_held_checkout_the_page_gives_up_leaves_the_list_and_is_never_sent() {
+    let shop = Shop::start();
+    let sup = Supervisor::start();
+    let s = sup.session(&shop_mandate(checkout_needs_approval()));
+    let id = s["id"].as_str().unwrap().to_string();
+    let mut given_up = Vec::new();
+    rt().block_on(async {
+        let mut cdp = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
+        let page = cdp.open_page(&shop.url()).await;
+
+        // The page's own abort.
+        cdp.eval(
+            &page,
+            "window.ctl = new AbortController(); window.outcome = undefined; \
+             order(40, '/checkout', ctl.signal).then(r => window.outcome = r); 0",
+        )
+        .await;
+        given_up.push(pending(&sup, 1)[0]["id"].as_str().unwrap().to_string());
+        cdp.eval(&page, "ctl.abort(); 0").await;
+        let result = outcome(&mut cdp, &page).await;
+        assert!(result.starts_with("ERR:"), "{result}");
+        none_pending(&sup);
+
+        // A navigation away.
+        start_order(&mut cdp, &page, 40, "/checkout").await;
+        given_up.push(pending(&sup, 1)[0]["id"].as_str().unwrap().to_string());
+        cdp.navigate(&page, &format!("{}browse", shop.url())).await;
+        none_pending(&sup);
+
+        // A closed tab.
+        let other = cdp.open_page(&shop.url()).await;
+        start_order(&mut cdp, &other, 40, "/checkout").await;
+        given_up.push(pending(&sup, 1)[0]["id"].as_str().unwrap().to_string());
+        cdp.call("Page.close", json!({}), Some(&other)).await;
+        none_pending(&sup);
+    });
+    for approval in &given_up {
+        let record = sup.wait_audit("action.expired for a given-up request", |r| {
+            r["event"] == "action.expired" && r["approval"] == approval.as_str()
+        });
+        assert_eq!(record["session"], id.as_str());
+        assert!(
+            record["reason"]
+                .as_str()
+                .unwrap()
+                .contains("page cancelled"),
+            "{record}"
+        );
+        let (status, body) = decide(&sup, approval, "approve", "alice");
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("page cancelled"),
+            "{body}"
+        );
+    }
+    assert!(
+        shop.orders().is_empty(),
+        "a given-up order reached the shop"
+    );
+    assert!(sup.events("action.approved").is_empty());
+}
+
 #[test]
 fn field_conditions_and_budgets_decide_without_asking_anyone() {
     let shop = Shop::start();

@@ -52,6 +52,11 @@ use futures_util::future::BoxFuture;
 /// response before deciding without it (fail closed: no credentials without a verdict).
 pub const CORRELATE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a request held for a human is checked for still being there. Chromium reports an
+/// abort as `Network.loadingFailed`, but not a navigation away or a closed tab: for those, the
+/// interception itself is gone, which `Fetch.getResponseBody` tells without touching a live one.
+const HELD_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How many `Network` facts are kept waiting for their Fetch pause.
 const CORRELATION_CAPACITY: usize = 8192;
 
@@ -69,8 +74,14 @@ pub trait BrokerEvents: Send + Sync + 'static {
     fn who(&self) -> (String, String);
     /// Holds a request for a human (an `approve` rule matched): records
     /// `action.approval_requested` durably, lists `approval` as pending, and resolves with
-    /// the decision, or [`Asked::Expired`] once `timeout` passed without one.
-    fn ask(&self, approval: Approval, timeout: Duration) -> BoxFuture<'static, Asked>;
+    /// the decision, or [`Asked::Expired`] once `timeout` passed without one, or
+    /// [`Asked::Abandoned`] once `abandoned` is cancelled (the page gave the request up).
+    fn ask(
+        &self,
+        approval: Approval,
+        timeout: Duration,
+        abandoned: CancellationToken,
+    ) -> BoxFuture<'static, Asked>;
 }
 
 /// How a request held for a human ended.
@@ -84,6 +95,8 @@ pub enum Asked {
     Expired,
     /// The session ended while it waited.
     Cancelled,
+    /// The page cancelled the request while it waited.
+    Abandoned,
     /// The request could not be recorded, so it was never listed.
     NotRecorded(String),
     /// Not listed: why (too many of the session's requests already wait).
@@ -149,6 +162,45 @@ struct Correlation {
     waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     /// Page targets: a request whose `frameId` is one of these comes from a main frame.
     pages: HashSet<String>,
+    /// Requests held for a human, by network request id: cancelled when the page gives the
+    /// request up. At most `approvals::MAX_PENDING_PER_SESSION` (each removed by its [`Held`]).
+    held: HashMap<String, CancellationToken>,
+}
+
+/// The ids of a paused request: Fetch's, and the network request's (what `Network` events
+/// name), when Chromium gives one.
+#[derive(Clone, Copy)]
+struct HeldIds<'a> {
+    fetch: &'a str,
+    network: Option<&'a str>,
+}
+
+/// A request held for a human, watched for the page giving it up until this is dropped.
+struct Held<'a> {
+    corr: &'a Mutex<Correlation>,
+    network_id: String,
+}
+
+impl<'a> Held<'a> {
+    fn watch(
+        corr: &'a Mutex<Correlation>,
+        network_id: &str,
+        abandoned: &CancellationToken,
+    ) -> Self {
+        lock(corr)
+            .held
+            .insert(network_id.to_string(), abandoned.clone());
+        Held {
+            corr,
+            network_id: network_id.to_string(),
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        lock(self.corr).held.remove(&self.network_id);
+    }
 }
 
 impl Correlation {
@@ -223,6 +275,7 @@ fn wanted(method: &str) -> bool {
             | "Network.responseReceivedExtraInfo"
             | "Network.webSocketCreated"
             | "Network.webSocketFrameSent"
+            | "Network.loadingFailed"
     )
 }
 
@@ -549,6 +602,12 @@ async fn event_loop(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Arc<Value
             "Network.webSocketCreated" | "Network.webSocketFrameSent" => {
                 state.websocket(method, &params)
             }
+            "Network.loadingFailed" => {
+                let id = params.get("requestId").and_then(Value::as_str);
+                if let Some(held) = id.and_then(|id| lock(&state.corr).held.get(id).cloned()) {
+                    held.cancel();
+                }
+            }
             _ => {}
         }
     }
@@ -813,7 +872,14 @@ impl State {
         if self.actions.is_empty() || !matches!(first.decision, Decision::Continue { .. }) {
             return self.act_on(first, &host, &headers, None);
         }
-        match self.check_actions(&url, method, &headers, &body).await {
+        let held = HeldIds {
+            fetch: p.get("requestId").and_then(Value::as_str).unwrap_or(""),
+            network: p.get("networkId").and_then(Value::as_str),
+        };
+        match self
+            .check_actions(&url, method, &headers, &body, held)
+            .await
+        {
             Gate::Pass(sent) => self.act_on(first, &host, &headers, sent),
             Gate::Fail => Action::Fail,
             Gate::Approved(sent) => {
@@ -971,6 +1037,7 @@ impl State {
         method: &str,
         headers: &[(String, String)],
         body: &[u8],
+        held: HeldIds<'_>,
     ) -> Gate {
         // A CORS preflight is the browser asking, not the page acting: no rule is asked
         // about it and it is not counted (it carries no body, and no credential rides on it
@@ -1050,14 +1117,38 @@ impl State {
                     expires_at: crate::session::rfc3339(now + self.approval_timeout),
                 };
                 let approval = self.scrubbed(approval);
-                match self.events.ask(approval, self.approval_timeout).await {
+                // The page may give the request up while it waits (an abort, a navigation, a
+                // closed tab): the wait then ends, and the human is no longer asked.
+                let abandoned = CancellationToken::new();
+                let _watch = held
+                    .network
+                    .map(|nid| Held::watch(&self.corr, nid, &abandoned));
+                let asked = self
+                    .events
+                    .ask(approval, self.approval_timeout, abandoned.clone());
+                tokio::pin!(asked);
+                let mut probe = tokio::time::interval(HELD_PROBE_INTERVAL);
+                probe.tick().await;
+                let asked = loop {
+                    tokio::select! {
+                        a = &mut asked => break a,
+                        _ = probe.tick(), if !abandoned.is_cancelled() => {
+                            if self.is_gone(held.fetch).await {
+                                abandoned.cancel();
+                            }
+                        }
+                    }
+                };
+                match asked {
                     Asked::Approved(_) => match self.budgets.reserve(m.index) {
                         Some(r) => Gate::Approved(r),
                         // Another approved request took the last place meanwhile.
                         None => denied("budget", spent(m.rule.max_count)),
                     },
                     // Recorded where they happened (the decision, the expiry).
-                    Asked::Denied(_) | Asked::Expired | Asked::Cancelled => Gate::Fail,
+                    Asked::Denied(_) | Asked::Expired | Asked::Cancelled | Asked::Abandoned => {
+                        Gate::Fail
+                    }
                     Asked::Refused(why) => denied("limit", why),
                     Asked::NotRecorded(e) => {
                         tracing::error!(error = %e, "a request for approval could not be audited; it is failed");
@@ -1065,6 +1156,19 @@ impl State {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether the paused request `fetch_id` is gone (the page gave it up). Asking for the
+    /// body of a request not yet answered fails either way, and says which: a live one is in
+    /// the wrong state, a gone one is unknown. Any other answer counts as still there.
+    async fn is_gone(&self, fetch_id: &str) -> bool {
+        let probe = json!({ "requestId": fetch_id });
+        match self.conn.call("Fetch.getResponseBody", probe, None).await {
+            Err(crate::browser::CdpError::Protocol { message, .. }) => {
+                message.contains("Invalid InterceptionId")
+            }
+            _ => false,
         }
     }
 

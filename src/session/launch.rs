@@ -9,6 +9,7 @@ use chromiumoxide::cdp::browser_protocol::browser::GetVersionParams;
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::{posture, BrowserInfo, EndReason, Registry, Session, State};
 use crate::broker::{Broker, BrokerEvents};
@@ -392,10 +393,11 @@ impl BrokerEvents for SessionBroker {
         &self,
         approval: crate::approvals::Approval,
         timeout: Duration,
+        abandoned: CancellationToken,
     ) -> futures_util::future::BoxFuture<'static, crate::broker::Asked> {
         let reg = self.reg.clone();
         let session = self.session.clone();
-        Box::pin(ask(reg, session, approval, timeout))
+        Box::pin(ask(reg, session, approval, timeout, abandoned))
     }
 
     fn revoke(&self, reason: &str) {
@@ -409,13 +411,15 @@ impl BrokerEvents for SessionBroker {
 }
 
 /// A request held for a human: recorded durably, listed, then waited for until a decision
-/// comes or its time is up. A decision being recorded at the very moment the time runs out
-/// wins (the control API has taken it off the list): the wait goes on briefly for it.
+/// comes, its time is up, or the page gives the request up (`abandoned`). A decision being
+/// recorded at the very moment the time runs out or the page gives up wins (the control API
+/// has taken it off the list): the wait goes on briefly for it.
 async fn ask(
     reg: Arc<Registry>,
     session: Arc<Session>,
     approval: crate::approvals::Approval,
     timeout: Duration,
+    abandoned: CancellationToken,
 ) -> crate::broker::Asked {
     use crate::approvals::Verdict;
     use crate::broker::Asked;
@@ -452,6 +456,7 @@ async fn ask(
     };
     reg.metrics.approvals_pending.inc();
     let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut watch_page = true;
     let asked = loop {
         // The session's end cancels its approvals; a wait that began as it ended stops here.
         if session.ending.is_cancelled() {
@@ -465,6 +470,20 @@ async fn ask(
         let waited = tokio::select! {
             w = tokio::time::timeout_at(deadline, &mut rx) => w,
             _ = session.ending.cancelled() => continue,
+            _ = abandoned.cancelled(), if watch_page => {
+                if reg.approvals.abandon(&id).is_some() {
+                    reg.audit.record_detached(
+                        "action.expired",
+                        Some(&session.id),
+                        json!({"approval": id,
+                               "reason": "the page cancelled the request before a decision"}),
+                    );
+                    break Asked::Abandoned;
+                }
+                // A decision is being recorded: it is awaited (and its request is gone).
+                watch_page = false;
+                continue;
+            }
         };
         match waited {
             Ok(Ok(Verdict::Approved { by })) => break Asked::Approved(by),
@@ -492,6 +511,7 @@ async fn ask(
                 Asked::Approved(_) => "approved",
                 Asked::Denied(_) => "denied",
                 Asked::Expired => "expired",
+                Asked::Abandoned => "abandoned",
                 Asked::Cancelled | Asked::NotRecorded(_) | Asked::Refused(_) => "cancelled",
             }
             .to_string(),

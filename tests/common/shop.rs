@@ -11,15 +11,17 @@ use std::sync::Arc;
 
 use super::bank::{Reply, Request, Server};
 
-/// The shop page. `order(amount, path)` posts a form and resolves to `OK:<answer>` or
-/// `ERR:<why>`; the button orders one book for 40 and shows the outcome in `#result`.
+/// The shop page. `order(amount, path, signal)` posts a form (abortable with `signal`) and
+/// resolves to `OK:<answer>` or `ERR:<why>`; the button orders one book for 40 and shows the
+/// outcome in `#result`.
 pub const SHOP_PAGE: &str = r#"<!doctype html><html><head><title>shop</title></head><body>
 <h1>shop</h1>
 <button id="buy" onclick="order(40).then(r => document.querySelector('#result').textContent = r)">Buy</button>
 <p id="result"></p>
 <script>
-window.order = (amount, path = '/checkout') => fetch(path, {
+window.order = (amount, path = '/checkout', signal) => fetch(path, {
   method: 'POST',
+  signal,
   headers: {'Content-Type': 'application/x-www-form-urlencoded'},
   body: 'item=book&amount=' + amount,
 }).then(r => r.text()).then(t => 'OK:' + t, e => 'ERR:' + e.message);
