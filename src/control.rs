@@ -224,9 +224,10 @@ async fn change(
     };
     let caller = caller.to_json(ctl.token.is_some());
     match ctl.reg.change(&id, text, caller).await {
-        Ok((s, changes)) => {
-            let mut view = s.view(ctl.reg.urls());
-            view["changes"] = changes.iter().map(|c| c.to_json()).collect();
+        Ok(changed) => {
+            let mut view = changed.session.view(ctl.reg.urls());
+            view["changes"] = changed.changes.iter().map(|c| c.to_json()).collect();
+            view["revoked_upstream"] = changed.revoked_upstream.into();
             Json(view).into_response()
         }
         Err(e) => registry_error(e),

@@ -70,6 +70,19 @@ async fn me(c: &mut Cdp, p: &str) -> (u16, Value) {
     )
 }
 
+/// `me()` in tab `p` until the API lets the page in (bounded); the token it was let in with.
+/// With 2-second tokens on a loaded machine, a request can reach the API just after its token
+/// died there, while the refreshed one is on its way: that is the test's short lifetime, not a
+/// refusal.
+async fn let_in(c: &mut Cdp, p: &str) -> Value {
+    let v = wait_eval(c, p, "me()", "the API to let the page in", |v| {
+        v.as_str().is_some_and(|t| t.starts_with("200 "))
+    })
+    .await;
+    let (_, body) = v.as_str().unwrap().split_once(' ').unwrap();
+    serde_json::from_str::<Value>(body).unwrap()["token"].clone()
+}
+
 fn session_events(sup: &Supervisor, id: &str, event: &str) -> Vec<Value> {
     sup.events(event)
         .into_iter()
@@ -89,9 +102,7 @@ fn ag120_4_9_managed_refresh_keeps_the_page_authenticated_past_the_first_tokens_
         let p = c
             .open_page(&format!("http://bank.test:{}/", api.port()))
             .await;
-        let (status, first) = me(&mut c, &p).await;
-        assert_eq!(status, 200, "the page was not authenticated at the start");
-        let first = first.as_u64().unwrap() as usize;
+        let first = let_in(&mut c, &p).await.as_u64().unwrap() as usize;
         let first_token = oauth.lock().issued[first].token.clone();
         // Two more token lifetimes: the first token is dead at the server, and the
         // supervisor has refreshed at least twice since.
@@ -173,7 +184,7 @@ fn ag120_4_3_a_refresh_granting_more_scope_is_rejected_and_its_token_never_used(
         let p = c
             .open_page(&format!("http://bank.test:{}/", api.port()))
             .await;
-        assert_eq!(me(&mut c, &p).await.0, 200);
+        let_in(&mut c, &p).await;
         // From now on every grant adds `admin` (an identity provider that does not hold scope
         // on refresh, AG-120 scenario C).
         {
@@ -305,6 +316,63 @@ fn ag120_4_3_a_page_asking_the_token_endpoint_for_more_scope_is_blocked_and_coun
     assert!(requests
         .iter()
         .any(|r| form(r, "refresh_token").as_deref() == Some("page-own-guess-0000")));
+    assert_logs_clean(&sup, &oauth);
+}
+
+/// A credential taken away from a live mandate (a narrowing PATCH) has its grant revoked
+/// upstream then, not only at the session's end, and only once.
+#[test]
+fn ag120_4_5_a_credential_removed_from_a_live_mandate_is_revoked_upstream_at_once() {
+    let oauth = OAuthServer::start(true, 900);
+    let api = api(&oauth);
+    let sup = Supervisor::start_with_config(&oauth.supervisor_config());
+    let mut m = oauth_mandate(&oauth, 900);
+    m["credentials"][0]["revoke"] = json!({
+        "url": oauth.revocation_endpoint(),
+        "form": {"token": "{refresh_token}", "token_type_hint": "refresh_token"},
+    });
+    let s = sup.session(&m);
+    let id = s["id"].as_str().unwrap().to_string();
+    rt().block_on(async {
+        let mut c = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
+        let p = c
+            .open_page(&format!("http://bank.test:{}/", api.port()))
+            .await;
+        assert_eq!(me(&mut c, &p).await.0, 200);
+    });
+    assert!(oauth.lock().revocations.is_empty());
+
+    let (status, view) = sup.api(
+        "PATCH",
+        &format!("/v1/sessions/{id}"),
+        Some(&json!({"credentials": []}).to_string()),
+    );
+    assert_eq!(status, 200, "{view}");
+    // Answered once the revocation went out and was recorded.
+    let revoked = &view["revoked_upstream"];
+    assert_eq!(revoked.as_array().map(Vec::len), Some(1), "{view}");
+    assert_eq!(revoked[0]["credential"], "bank-api", "{view}");
+    assert_eq!(revoked[0]["outcome"], "ok", "{view}");
+    let revocations = oauth.lock().revocations.clone();
+    assert_eq!(revocations.len(), 1, "{revocations:?}");
+    assert_eq!(form(&revocations[0], "token").as_deref(), Some(REFRESH));
+    let records = session_events(&sup, &id, "credential.revoked_upstream");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["status"], 200);
+    let removed = session_events(&sup, &id, "credential.removed");
+    assert!(removed[0]["seq"].as_u64() < records[0]["seq"].as_u64());
+
+    // The session's end has nothing left to revoke.
+    let (status, body) = sup.api("DELETE", &format!("/v1/sessions/{id}"), None);
+    assert_eq!(status, 200, "{body}");
+    sup.wait_audit("session.purged", |r| {
+        r["event"] == "session.purged" && r["session"] == id
+    });
+    assert_eq!(oauth.lock().revocations.len(), 1);
+    assert_eq!(
+        session_events(&sup, &id, "credential.revoked_upstream").len(),
+        1
+    );
     assert_logs_clean(&sup, &oauth);
 }
 

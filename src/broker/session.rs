@@ -411,9 +411,10 @@ impl Broker {
 
     /// Takes a credential away (a narrowed mandate): its values are dropped and zeroized at
     /// once, the gate stops treating its cookies as held, and its site is handled as a site
-    /// without a credential from the next request on. Returns how many values were dropped,
-    /// or `None` when the session holds no such credential.
-    pub fn remove_credential(&self, id: &str) -> Option<usize> {
+    /// without a credential from the next request on. Returns how many values were dropped
+    /// and its upstream revocation (for the caller to send), or `None` when the session holds
+    /// no such credential.
+    pub fn remove_credential(&self, id: &str) -> Option<crate::vault::Removed> {
         let mut vault = lock(&self.state.vault);
         let dropped = vault.remove(id)?;
         self.state.held.set(vault.held(FILES_DIR));

@@ -662,17 +662,7 @@ async fn end(
     // The mandate's upstream revocations (AG-120 4.5) go out while the sandbox is killed: the
     // values they carry were copied out before the purge and are zeroized once sent, and the
     // kill does not wait for them.
-    let revoking = async {
-        let revocations = purged.revocations;
-        match &reg.upstream {
-            _ if revocations.is_empty() => Vec::new(),
-            Ok(u) => u.revoke_all(revocations).await,
-            Err(e) => revocations
-                .iter()
-                .map(|r| crate::broker::upstream::Revoked::not_sent(r, e))
-                .collect(),
-        }
-    };
+    let revoking = reg.send_revocations(purged.revocations);
     // Checks stop here; the monitor still knows the session's namespaces for the purge.
     let monitor = session.set_posture(None);
     let killing = async {
@@ -682,22 +672,7 @@ async fn end(
         }
     };
     let (verified, revoked) = tokio::join!(killing, revoking);
-    for r in &revoked {
-        if !r.ok() {
-            tracing::warn!(session = %session.id, credential = %r.credential, error = r.error.as_deref().unwrap_or(""), "upstream revocation failed");
-        }
-        if let Err(e) = reg
-            .audit
-            .record(
-                "credential.revoked_upstream",
-                Some(&session.id),
-                r.audit_fields(),
-            )
-            .await
-        {
-            tracing::error!(session = %session.id, error = %e, "could not record an upstream revocation");
-        }
-    }
+    reg.record_revocations(&session.id, &revoked).await;
     match verified {
         Ok(mut facts) => {
             facts["credentials_zeroized"] = credentials_zeroized.into();

@@ -10,12 +10,21 @@ use tokio_util::task::TaskTracker;
 
 use super::{launch, new_session, rfc3339, AgentUrls, EndReason, Session, State};
 use crate::audit::{Audit, AuditError};
+use crate::broker::upstream::{Revocation, Revoked};
 use crate::config::Config;
 use crate::mandate::ValidMandate;
 use crate::metrics::Metrics;
 
 /// Purged sessions kept for `GET /v1/sessions/{id}` before they are forgotten.
 const KEEP_PURGED: usize = 256;
+
+/// A live mandate changed ([`Registry::change`]).
+pub struct Changed {
+    pub session: Arc<Session>,
+    pub changes: Vec<super::patch::Change>,
+    /// The `credential.revoked_upstream` fields of each removed credential's revocation.
+    pub revoked_upstream: Vec<serde_json::Value>,
+}
 
 /// Why a registry operation failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -370,12 +379,12 @@ impl Registry {
         id: &str,
         body: &str,
         caller: serde_json::Value,
-    ) -> Result<(Arc<Session>, Vec<super::patch::Change>), RegistryError> {
+    ) -> Result<Changed, RegistryError> {
         let s = self
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         // One change at a time, so each is judged against the mandate the one before left.
-        let _one = self.changing.lock().await;
+        let one = self.changing.lock().await;
         // A detached session's mandate can change too: the change holds from the first
         // request after a resumption (AG-374 4.4).
         if !s.is_running() {
@@ -402,13 +411,16 @@ impl Registry {
                 .await?;
         }
         let broker = s.broker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut revocations = Vec::new();
         for id in &patched.removed_credentials {
-            let zeroized = broker.as_ref().and_then(|b| b.remove_credential(id));
+            let removed = broker.as_ref().and_then(|b| b.remove_credential(id));
+            let zeroized = removed.as_ref().map_or(0, |r| r.values);
             self.audit.record_detached(
                 "credential.removed",
                 Some(&s.id),
-                json!({ "credential": id, "values_zeroized": zeroized.unwrap_or(0) }),
+                json!({ "credential": id, "values_zeroized": zeroized }),
             );
+            revocations.extend(removed.and_then(|r| r.revocation));
         }
         if let Some(b) = &broker {
             b.set_rules(
@@ -423,7 +435,49 @@ impl Registry {
                 .record("mandate.narrowed", Some(&s.id), record)
                 .await?;
         }
-        Ok((s, changes))
+        drop(one);
+        // A removed credential's grant is revoked upstream as the session's end would
+        // (AG-120 4.5), once the change is in force and recorded.
+        let revoked = self.send_revocations(revocations).await;
+        self.record_revocations(&s.id, &revoked).await;
+        Ok(Changed {
+            session: s,
+            changes,
+            revoked_upstream: revoked.iter().map(|r| r.audit_fields()).collect(),
+        })
+    }
+
+    /// Sends credential revocations upstream over the `[upstream]` client; each that cannot be
+    /// sent says why.
+    pub(super) async fn send_revocations(&self, revocations: Vec<Revocation>) -> Vec<Revoked> {
+        match &self.upstream {
+            _ if revocations.is_empty() => Vec::new(),
+            Ok(u) => u.revoke_all(revocations).await,
+            Err(e) => revocations
+                .iter()
+                .map(|r| Revoked::not_sent(r, e))
+                .collect(),
+        }
+    }
+
+    /// Records each revocation's outcome (`credential.revoked_upstream`, durable).
+    pub(super) async fn record_revocations(&self, session: &str, revoked: &[Revoked]) {
+        for r in revoked {
+            if !r.ok() {
+                tracing::warn!(%session, credential = %r.credential, error = r.error.as_deref().unwrap_or(""), "upstream revocation failed");
+            }
+            let recorded = self
+                .audit
+                .record(
+                    "credential.revoked_upstream",
+                    Some(session),
+                    r.audit_fields(),
+                )
+                .await;
+            if let Err(e) = recorded {
+                tracing::error!(%session, error = %e, "could not record an upstream revocation");
+            }
+        }
     }
 
     /// Revokes a session and waits until it is purged.

@@ -253,6 +253,14 @@ impl HeldCredential {
     }
 }
 
+/// What taking a credential away ([`Vault::remove`]) dropped.
+pub struct Removed {
+    /// How many held values were dropped and zeroized.
+    pub values: usize,
+    /// Its upstream revocation, filled in before the values were dropped.
+    pub revocation: Option<Revocation>,
+}
+
 /// A session's credentials. Built from the mandate once, then grown only by cookies the
 /// credential sites set; dropped (and zeroized) with the session.
 pub struct Vault {
@@ -371,10 +379,12 @@ impl Vault {
 
     /// Takes a credential away (a narrowed mandate): its values are dropped, and so zeroized,
     /// at once; its site is a site without a credential from the next request on. Indices of
-    /// the other credentials do not move. Returns how many values were dropped, or `None`
-    /// when no credential has that id (or it was removed before).
-    pub fn remove(&mut self, id: &str) -> Option<usize> {
+    /// the other credentials do not move. Returns how many values were dropped and its upstream
+    /// revocation, filled in from them first (the caller sends it), or `None` when no
+    /// credential has that id (or it was removed before).
+    pub fn remove(&mut self, id: &str) -> Option<Removed> {
         let c = self.creds.iter_mut().find(|c| c.id == id && !c.removed)?;
+        let revocation = Self::revocation(c);
         let dropped = c.secrets().count();
         c.headers = Vec::new();
         c.jar = SiteJar::new(&c.site);
@@ -382,7 +392,10 @@ impl Vault {
         c.revoke = None;
         c.removed = true;
         self.rebuild();
-        Some(dropped)
+        Some(Removed {
+            values: dropped,
+            revocation,
+        })
     }
 
     /// The detector for material travelling to credential `home`'s site (`None`: to any other
@@ -552,70 +565,75 @@ impl Vault {
     /// placeholders, the credential's cookies for the URL, its access token's header, and its
     /// other headers when the URL is on its own site (never to another site's host).
     pub fn revocations(&self) -> Vec<Revocation> {
-        let mut out = Vec::new();
-        for c in self.creds.iter().filter(|c| !c.removed) {
-            let Some(r) = &c.revoke else { continue };
-            let o = c.oauth.as_ref();
-            let value = |name: &str| -> Option<&str> {
-                let o = o?;
-                match name {
-                    "refresh_token" => Some(o.refresh_token.expose()),
-                    "access_token" => o.access.as_ref().map(|a| a.token.expose()),
-                    "client_id" => Some(o.client_id.as_str()),
-                    "client_secret" => o.client_secret.as_ref().map(Secret::expose),
-                    _ => None,
-                }
-            };
-            let form = (!r.form.is_empty()).then(|| {
-                let mut buf = Zeroizing::new(String::with_capacity(8192));
-                let mut f = url::form_urlencoded::Serializer::new(&mut *buf);
-                for (k, v) in &r.form {
-                    let filled = crate::broker::oauth::fill(v, value);
-                    f.append_pair(k, &filled);
-                }
-                f.finish();
-                buf
-            });
-            let on_site = r
-                .url
-                .host_str()
-                .is_some_and(|h| site_of(h.trim_matches(['[', ']'])) == c.site);
-            let mut headers: Vec<(String, Zeroizing<String>)> = Vec::new();
-            if on_site {
-                headers.extend(
-                    c.headers
-                        .iter()
-                        .map(|(n, v)| (n.clone(), Zeroizing::new(v.expose().to_string()))),
-                );
-                // Reserved up front: a growing buffer would leave unzeroized copies behind.
-                let mut cookie = Zeroizing::new(String::with_capacity(4096));
-                for (n, v) in c.jar.request_cookies(&r.url) {
-                    if !cookie.is_empty() {
-                        cookie.push_str("; ");
-                    }
-                    cookie.push_str(n);
-                    cookie.push('=');
-                    cookie.push_str(v.expose());
-                }
+        self.creds
+            .iter()
+            .filter(|c| !c.removed)
+            .filter_map(Self::revocation)
+            .collect()
+    }
+
+    /// Credential `c`'s upstream revocation, if it has one (see [`Vault::revocations`]).
+    fn revocation(c: &HeldCredential) -> Option<Revocation> {
+        let r = c.revoke.as_ref()?;
+        let o = c.oauth.as_ref();
+        let value = |name: &str| -> Option<&str> {
+            let o = o?;
+            match name {
+                "refresh_token" => Some(o.refresh_token.expose()),
+                "access_token" => o.access.as_ref().map(|a| a.token.expose()),
+                "client_id" => Some(o.client_id.as_str()),
+                "client_secret" => o.client_secret.as_ref().map(Secret::expose),
+                _ => None,
+            }
+        };
+        let form = (!r.form.is_empty()).then(|| {
+            let mut buf = Zeroizing::new(String::with_capacity(8192));
+            let mut f = url::form_urlencoded::Serializer::new(&mut *buf);
+            for (k, v) in &r.form {
+                let filled = crate::broker::oauth::fill(v, value);
+                f.append_pair(k, &filled);
+            }
+            f.finish();
+            buf
+        });
+        let on_site = r
+            .url
+            .host_str()
+            .is_some_and(|h| site_of(h.trim_matches(['[', ']'])) == c.site);
+        let mut headers: Vec<(String, Zeroizing<String>)> = Vec::new();
+        if on_site {
+            headers.extend(
+                c.headers
+                    .iter()
+                    .map(|(n, v)| (n.clone(), Zeroizing::new(v.expose().to_string()))),
+            );
+            // Reserved up front: a growing buffer would leave unzeroized copies behind.
+            let mut cookie = Zeroizing::new(String::with_capacity(4096));
+            for (n, v) in c.jar.request_cookies(&r.url) {
                 if !cookie.is_empty() {
-                    headers.push(("Cookie".to_string(), cookie));
+                    cookie.push_str("; ");
                 }
+                cookie.push_str(n);
+                cookie.push('=');
+                cookie.push_str(v.expose());
             }
-            if let Some((name, a)) = o.and_then(|o| o.access.as_ref().map(|a| (&o.header, a))) {
-                headers.push((
-                    name.clone(),
-                    Zeroizing::new(a.header_value.expose().to_string()),
-                ));
+            if !cookie.is_empty() {
+                headers.push(("Cookie".to_string(), cookie));
             }
-            out.push(Revocation {
-                credential: c.id.clone(),
-                url: r.url.clone(),
-                method: r.method.clone(),
-                headers,
-                form,
-            });
         }
-        out
+        if let Some((name, a)) = o.and_then(|o| o.access.as_ref().map(|a| (&o.header, a))) {
+            headers.push((
+                name.clone(),
+                Zeroizing::new(a.header_value.expose().to_string()),
+            ));
+        }
+        Some(Revocation {
+            credential: c.id.clone(),
+            url: r.url.clone(),
+            method: r.method.clone(),
+            headers,
+            form,
+        })
     }
 
     /// The gate's view: every detectable value, the held cookies, the sites.
