@@ -60,6 +60,17 @@ pub struct Approval {
     pub requested_at: String,
     /// When it is denied if no one decides (RFC 3339).
     pub expires_at: String,
+    /// More of the URL and the body, for [`Approvals::show`]: not in the list or the webhook.
+    #[serde(skip)]
+    pub whole: Option<Whole>,
+}
+
+/// What `GET /v1/approvals/{id}` shows in place of the list's `url` and `body`: up to 64 KiB
+/// of the URL, and up to 4096 fields or 64 KiB of text of the body, held values cut out.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Whole {
+    pub url: String,
+    pub body: Value,
 }
 
 /// A human's decision.
@@ -225,16 +236,35 @@ impl Approvals {
         out
     }
 
+    /// Pending approval `id` as the list shows it, with its [`Whole`] URL and body in place
+    /// of the list's.
+    pub fn show(&self, id: &str) -> Result<Value, NotPending> {
+        if let Some(entry) = lock(&self.pending).get(id) {
+            let mut v = serde_json::to_value(&entry.view).unwrap_or_default();
+            if let Some(w) = &entry.view.whole {
+                v["url"] = w.url.clone().into();
+                v["body"] = w.body.clone();
+            }
+            return Ok(v);
+        }
+        Err(self.not_pending(id))
+    }
+
     /// Takes approval `id` out of the pending list to decide it.
     pub fn take(&self, id: &str) -> Result<Taken, NotPending> {
         if let Some(entry) = lock(&self.pending).remove(id) {
             return Ok(Taken { entry });
         }
+        Err(self.not_pending(id))
+    }
+
+    /// Why `id` is not pending: settled (and how), or never known.
+    fn not_pending(&self, id: &str) -> NotPending {
         let settled = lock(&self.settled)
             .iter()
             .find(|(i, _)| i == id)
             .map(|(_, s)| s.clone());
-        Err(match settled {
+        match settled {
             Some(s) => NotPending::Settled {
                 id: id.to_string(),
                 how: match s {
@@ -246,7 +276,7 @@ impl Approvals {
                 },
             },
             None => NotPending::Unknown(id.to_string()),
-        })
+        }
     }
 
     /// Delivers `verdict` for a taken approval. Returns false when the request no longer
@@ -359,6 +389,7 @@ mod tests {
             body: json!({}),
             requested_at: at.into(),
             expires_at: at.into(),
+            whole: None,
         }
     }
 

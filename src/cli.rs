@@ -164,6 +164,12 @@ enum ApprovalOp {
         #[arg(long)]
         session: Option<String>,
     },
+    /// Show one pending request with its whole body (up to 4096 fields or 64 KiB of text)
+    /// and up to 64 KiB of its URL, held values cut out.
+    Show {
+        /// Approval id (`apr_…`).
+        id: String,
+    },
     /// Approve one: the request is sent, once, with any `on_approval` credential.
     Approve {
         /// Approval id (`apr_…`).
@@ -317,6 +323,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     ),
                     None,
                 ),
+                ApprovalOp::Show { id } => ("GET", format!("/v1/approvals/{id}"), None),
                 ApprovalOp::Approve { id, by } => decide(id, "approve", by),
                 ApprovalOp::Deny { id, by } => decide(id, "deny", by),
             };

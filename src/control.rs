@@ -7,6 +7,7 @@
 //! a dropped agent); `GET /v1/sessions/{id}/posture` (check the session's integrity now);
 //! `POST|GET /v1/agent-keys`, `DELETE /v1/agent-keys/{id}` (agent keys; revoking one ends its
 //! sessions); `GET /v1/approvals[?session=ID]` (requests held for a human),
+//! `GET /v1/approvals/{id}` (one, with its whole body),
 //! `POST /v1/approvals/{id}` `{"decision": "approve"|"deny", "by": NAME}` (decide one);
 //! `GET /v1/audit?session=ID[&event=PREFIX]` (the session's audit records); `GET /healthz`;
 //! `GET /metrics`. Errors are
@@ -54,7 +55,10 @@ pub fn router(reg: Arc<Registry>, token: Option<String>) -> Router {
         .route("/v1/agent-keys", get(list_keys).post(issue_key))
         .route("/v1/agent-keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/approvals", get(list_approvals))
-        .route("/v1/approvals/{id}", post(decide_approval))
+        .route(
+            "/v1/approvals/{id}",
+            get(show_approval).post(decide_approval),
+        )
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -333,6 +337,17 @@ async fn list_approvals(State(ctl): State<Ctl>, RawQuery(q): RawQuery) -> Respon
     }
     let list = ctl.reg.approvals().list(session.as_deref());
     Json(json!({ "approvals": list })).into_response()
+}
+
+/// `GET /v1/approvals/{id}`: one pending approval as the list shows it, but with up to 64 KiB
+/// of its URL and its whole body (up to 4096 fields or 64 KiB of text), held values cut out.
+/// `404` unknown, `409` settled (saying how).
+async fn show_approval(State(ctl): State<Ctl>, Path(id): Path<String>) -> Response {
+    match ctl.reg.approvals().show(&id) {
+        Ok(v) => Json(v).into_response(),
+        Err(e @ crate::approvals::NotPending::Unknown(_)) => error(StatusCode::NOT_FOUND, e),
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
 }
 
 /// `POST /v1/approvals/{id}` `{"decision": "approve" | "deny", "by": "<name>"}`: decides a held

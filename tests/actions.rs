@@ -644,7 +644,8 @@ fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_web
             &format!(
                 "window.outcome = undefined; fetch('/checkout?ref={b64}', {{method: 'POST', \
                  headers: {{'Content-Type': 'application/json'}}, \
-                 body: JSON.stringify({{amount: 5, note: 'x{PAY_TOKEN}y'}})}})\
+                 body: JSON.stringify(Object.assign({{amount: 5, note: 'x{PAY_TOKEN}y'}}, \
+                 Object.fromEntries([...Array(40).keys()].map(i => ['f' + i, i == 39 ? '{PAY_TOKEN}' : 'v'])))) }})\
                  .then(r => r.text()).then(t => window.outcome = 'OK:' + t, \
                  e => window.outcome = 'ERR:' + e.message); 0"
             ),
@@ -661,6 +662,25 @@ fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_web
             json!({"name": "amount", "value": "5"})
         );
         let id = list[0]["id"].as_str().unwrap().to_string();
+        // The list shows 32 of the 42 fields and says so; the approval itself shows them all,
+        // and the URL, with the value still cut out.
+        let listed = &list[0]["body"];
+        assert_eq!(listed["fields"].as_array().unwrap().len(), 32, "{listed}");
+        assert_eq!((&listed["fields_total"], &listed["truncated"]), (&json!(42), &json!(true)));
+        let (status, whole) = sup.api("GET", &format!("/v1/approvals/{id}"), None);
+        assert_eq!(status, 200, "{whole}");
+        let fields = whole["body"]["fields"].as_array().unwrap();
+        assert_eq!(fields.len(), 42, "{whole}");
+        assert_eq!(whole["body"]["truncated"], false, "{whole}");
+        assert_eq!(fields[41]["name"], "f39", "{whole}");
+        assert!(whole["url"].as_str().unwrap().contains("/checkout?ref="), "{whole}");
+        let shown = whole.to_string();
+        assert!(
+            !shown.contains(PAY_TOKEN) && !shown.contains(&b64),
+            "{shown}"
+        );
+        let (status, body) = sup.api("GET", "/v1/approvals/apr_000000000000000000000000", None);
+        assert_eq!(status, 404, "{body}");
         for _ in 0..200 {
             if !hook.requests().is_empty() {
                 break;
@@ -669,6 +689,9 @@ fn a_held_value_planted_in_a_held_request_is_cut_out_of_the_approval_and_the_web
         }
         let (status, _) = decide(&sup, &id, "deny", "gina");
         assert_eq!(status, 200);
+        let (status, body) = sup.api("GET", &format!("/v1/approvals/{id}"), None);
+        assert_eq!(status, 409, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("denied by gina"), "{body}");
         assert!(outcome(&mut cdp, &page).await.starts_with("ERR:"));
     });
     assert_eq!(hook.requests().len(), 1);

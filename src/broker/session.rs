@@ -39,7 +39,7 @@ use super::upstream::{Revocation, Upstream};
 use crate::actions::{
     body_fields, visible, ActionDecision, ActionPolicy, Budgets, Reservation, Subject,
 };
-use crate::approvals::Approval;
+use crate::approvals::{Approval, Whole};
 use crate::browser::conn::FILES_DIR;
 use crate::browser::BrowserConn;
 use crate::gate::HeldCell;
@@ -1058,8 +1058,9 @@ impl State {
             return Gate::Pass(None);
         };
         let rule = m.describe();
-        let shown_url = self.shown_text(&capped(url.as_str()));
-        let shown_method = self.shown_text(&capped(method));
+        // Held values are cut out before the text is cut short, so no part of one can show.
+        let shown_url = capped(&self.shown_text(url.as_str())).into_owned();
+        let shown_method = capped(&self.shown_text(method)).into_owned();
         let denied = |by: &str, reason: String| {
             self.record(
                 "action.denied",
@@ -1113,9 +1114,13 @@ impl State {
                     initiator: self.shown_text(&initiator),
                     credential,
                     rule: rule.clone(),
-                    body: self.body_summary(header(headers, "content-type"), body, &first),
+                    body: self.body_view(header(headers, "content-type"), body, &first, LISTED),
                     requested_at: crate::session::rfc3339(now),
                     expires_at: crate::session::rfc3339(now + self.approval_timeout),
+                    whole: Some(Whole {
+                        url: capped_to(&self.shown_text(url.as_str()), WHOLE.url).into_owned(),
+                        body: self.body_view(header(headers, "content-type"), body, &first, WHOLE),
+                    }),
                 };
                 let approval = self.scrubbed(approval);
                 // The page may give the request up while it waits (an abort, a navigation, a
@@ -1182,12 +1187,18 @@ impl State {
             .unwrap_or_else(|| text.to_string())
     }
 
-    /// What a human deciding on a request sees of its body: form or JSON fields (the rule's
-    /// own first), or the start of any other body; held values cut out, hidden characters
-    /// shown.
-    fn body_summary(&self, content_type: Option<&str>, body: &[u8], first: &[String]) -> Value {
+    /// What a human deciding on a request sees of its body, up to `shown`'s limits: form or
+    /// JSON fields (the rule's own first), or the start of any other body; held values cut
+    /// out, hidden characters shown.
+    fn body_view(
+        &self,
+        content_type: Option<&str>,
+        body: &[u8],
+        first: &[String],
+        shown: Shown,
+    ) -> Value {
         let mut out = json!({"content_type": content_type.map(visible), "bytes": body.len()});
-        match body_fields(content_type, body, first, APPROVAL_FIELDS) {
+        match body_fields(content_type, body, first, shown.fields) {
             Some((fields, total)) => {
                 out["fields_total"] = total.into();
                 out["truncated"] = (total > fields.len()).into();
@@ -1200,9 +1211,11 @@ impl State {
             }
             None if body.is_empty() => {}
             None => {
-                let text: String = String::from_utf8_lossy(body).chars().take(256).collect();
-                out["text"] = self.shown_text(&visible(&text)).into();
-                out["truncated"] = (body.len() > text.len()).into();
+                // Cut out before cut short, so no part of a held value can show.
+                let whole = self.shown_text(&visible(&String::from_utf8_lossy(body)));
+                let text: String = whole.chars().take(shown.text).collect();
+                out["truncated"] = (whole.len() > text.len()).into();
+                out["text"] = text.into();
                 out["readable"] = false.into();
             }
         }
@@ -1217,11 +1230,13 @@ impl State {
             return a;
         };
         let text = serde_json::to_string(&a).unwrap_or_default();
-        if d.find(text.as_bytes()).is_some() {
+        let whole = serde_json::to_string(&a.whole).unwrap_or_default();
+        if d.find(text.as_bytes()).is_some() || d.find(whole.as_bytes()).is_some() {
             a.method = "[held value]".into();
             a.url = "[held value]".into();
             a.initiator = "[held value]".into();
             a.body = json!({"redacted": "the request carried a held value"});
+            a.whole = None;
         }
         a
     }
@@ -1645,8 +1660,26 @@ struct Decided {
     withheld: Option<(String, &'static str)>,
 }
 
-/// Most body fields an approval shows.
-const APPROVAL_FIELDS: usize = 32;
+/// How much of a held request the approvals list (and the webhook) shows, and how much
+/// `GET /v1/approvals/{id}` shows: body fields, characters of any other body, bytes of the
+/// URL.
+const LISTED: Shown = Shown {
+    fields: 32,
+    text: 256,
+    url: SHOWN_LIMIT,
+};
+const WHOLE: Shown = Shown {
+    fields: 4096,
+    text: 64 * 1024,
+    url: 64 * 1024,
+};
+
+#[derive(Clone, Copy)]
+struct Shown {
+    fields: usize,
+    text: usize,
+    url: usize,
+}
 
 /// Longest URL or method an approval or an action record shows (Chromium sends URLs of up to
 /// 2 MiB; the record says how long the whole was).
@@ -1654,10 +1687,15 @@ const SHOWN_LIMIT: usize = 2048;
 
 /// `s` cut to [`SHOWN_LIMIT`] bytes (at a character boundary), marked when cut.
 fn capped(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.len() <= SHOWN_LIMIT {
+    capped_to(s, SHOWN_LIMIT)
+}
+
+/// `s` cut to `limit` bytes (at a character boundary), marked when cut.
+fn capped_to(s: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= limit {
         return s.into();
     }
-    let mut end = SHOWN_LIMIT;
+    let mut end = limit;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
