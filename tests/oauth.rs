@@ -319,6 +319,17 @@ fn ag120_4_3_a_page_asking_the_token_endpoint_for_more_scope_is_blocked_and_coun
     assert_logs_clean(&sup, &oauth);
 }
 
+/// Opens the API's page in session `s` and asserts the page is let in with the held token.
+fn signed_in(s: &Value, api: &common::bank::Server) {
+    rt().block_on(async {
+        let mut c = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
+        let p = c
+            .open_page(&format!("http://bank.test:{}/", api.port()))
+            .await;
+        assert_eq!(me(&mut c, &p).await.0, 200);
+    });
+}
+
 /// A credential taken away from a live mandate (a narrowing PATCH) has its grant revoked
 /// upstream then, not only at the session's end, and only once.
 #[test]
@@ -333,13 +344,7 @@ fn ag120_4_5_a_credential_removed_from_a_live_mandate_is_revoked_upstream_at_onc
     });
     let s = sup.session(&m);
     let id = s["id"].as_str().unwrap().to_string();
-    rt().block_on(async {
-        let mut c = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
-        let p = c
-            .open_page(&format!("http://bank.test:{}/", api.port()))
-            .await;
-        assert_eq!(me(&mut c, &p).await.0, 200);
-    });
+    signed_in(&s, &api);
     assert!(oauth.lock().revocations.is_empty());
 
     let (status, view) = sup.api(
@@ -391,13 +396,7 @@ fn ag120_4_5_the_session_end_revokes_the_refresh_token_upstream() {
     };
     let s = sup.session(&with_revoke(oauth.revocation_endpoint()));
     let id = s["id"].as_str().unwrap().to_string();
-    rt().block_on(async {
-        let mut c = Cdp::connect(s["cdp_url"].as_str().unwrap()).await;
-        let p = c
-            .open_page(&format!("http://bank.test:{}/", api.port()))
-            .await;
-        assert_eq!(me(&mut c, &p).await.0, 200);
-    });
+    signed_in(&s, &api);
     assert!(
         oauth.lock().revocations.is_empty(),
         "revoked before the end"
